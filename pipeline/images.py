@@ -1,0 +1,89 @@
+"""Decode one untrusted image file into an RGB uint8 array, or say exactly why it cannot be used.
+
+Shared by preprocess (whole datasets) and predict (user files), so both see images the same way.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ResizeMode = Literal["stretch", "pad", "center_crop"]
+_WHITE = (255, 255, 255)
+
+
+class BadImage(Exception):
+    """The file cannot be used as an image; the message is the quarantine reason."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: transparency over white, 16/32-bit scaled (not clipped) to 8-bit."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit PNGs open as I;16 or I; Pillow's own convert("L") would clip everything above 255.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def fit(image: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
+    target = (size, size)
+    if mode == "stretch":  # what the seeds' image_dataset_from_directory did
+        return image.resize(target, Image.Resampling.BILINEAR)
+    if mode == "pad":
+        return ImageOps.pad(image, target, Image.Resampling.BILINEAR, color=(0, 0, 0))
+    return ImageOps.fit(image, target, Image.Resampling.BILINEAR)
+
+
+def load_rgb(path: Path, *, max_pixels: int, min_size: int = 1, draft: int | None = None) -> Image.Image:
+    """Open, check and decode `path` to an upright RGB image; raise BadImage with the reason.
+
+    `draft` lets Pillow's JPEG decoder scale by 1/2..1/8 while decoding, as long as both sides
+    stay >= draft: several times faster when the target is much smaller than the photo.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size  # from the header: nothing decoded yet
+                if width * height > max_pixels:
+                    raise BadImage(
+                        f"decompression bomb: {width}x{height} = {width * height} px > max_pixels {max_pixels}"
+                    )
+                if min(width, height) < min_size:
+                    raise BadImage(f"too small: {width}x{height}, shorter side < min_size {min_size}")
+                if draft and image.format == "JPEG":
+                    image.draft("RGB", (draft, draft))
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image: no decoder recognises the file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"decompression bomb: {exc}") from None
+    except OSError as exc:
+        kind = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise BadImage(f"{kind}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad file
+        raise BadImage(f"corrupt: {type(exc).__name__}: {exc}") from None
+
+
+def load_array(
+    path: Path, *, size: int, resize: ResizeMode, max_pixels: int, min_size: int = 1
+) -> np.ndarray:
+    """`path` as a uint8 (size, size, 3) array, ready for a model."""
+    image = load_rgb(path, max_pixels=max_pixels, min_size=min_size, draft=size)
+    return np.asarray(fit(image, size, resize), dtype=np.uint8)

@@ -1,0 +1,240 @@
+"""Typed, validated params: the one place that knows what params.yaml may hold.
+
+Every stage calls `load_params()` before doing any work, so a typo or a bad value fails fast
+with a message naming the key (`train.device: ...`), never deep inside a stage.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UserError
+
+SPLITS = ("train", "val", "test")
+BASELINE_MODELS = ("random_forest", "logistic", "mlp", "mnist_cnn", "cnn3_small", "cnn1", "cnn3", "cnn3v2")
+# keras.applications constructors we know how to call with include_top=False.
+BACKBONES = ("xception", "vgg16", "resnet50v2", "mobilenetv2", "efficientnetb0", "inceptionv3", "densenet121")
+
+
+class ParamsError(UserError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Section):
+    source: str = Field(min_length=1, description="directory, archive path/URL, sklearn:digits or tfds:NAME")
+    checksum: str | None = Field(None, description="sha256 hex, or 'sha256:HEX' / 'md5:HEX', of an archive")
+    subdir: str | None = Field(None, description="class-per-folder directory inside the archive")
+    mirrors: list[str] = Field(default_factory=list, description="local paths tried before the source")
+
+    @field_validator("checksum")
+    @classmethod
+    def _checksum_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_checksum(value)
+        return value
+
+
+class DataParams(Section):
+    dataset: str
+    datasets: dict[str, DatasetSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _dataset_known(self) -> DataParams:
+        if self.dataset not in self.datasets:
+            raise ValueError(f"data.dataset must be one of {', '.join(self.datasets)}; got {self.dataset!r}")
+        return self
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.datasets[self.dataset]
+
+
+class SplitFractions(Section):
+    train: float = Field(gt=0, lt=1)
+    val: float = Field(ge=0, lt=1)
+    test: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"preprocess.splits must add up to 1; got {total:g}")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SPLITS}
+
+
+class PreprocessParams(Section):
+    image_size: int = Field(ge=8, le=1024)
+    resize: Literal["stretch", "pad", "center_crop"]
+    min_size: int = Field(ge=1, description="shorter side, in px, below which an image is quarantined")
+    max_pixels: int = Field(gt=0, description="width*height above which a file is a decompression bomb")
+    splits: SplitFractions
+    group_pattern: str | None = Field(description="regex on the file name; group 1 names the shot")
+    min_per_class: int = Field(ge=1, description="classes with fewer good images are dropped with a warning")
+    workers: int = Field(ge=0, description="decoding processes; 0 = one per core")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compiled = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc}); got {value!r}") from None
+            if compiled.groups < 1:
+                raise ValueError("needs one capture group naming the shot, e.g. '^(.+?)(?:_\\d+)?\\.\\w+$'")
+        return value
+
+
+class AugmentParams(Section):
+    copies: int = Field(ge=0, le=50, description="augmented copies per train image; 0 = off")
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"]
+    rotation: float = Field(ge=0, le=0.5, description="max rotation, fraction of a full turn")
+    zoom: float = Field(ge=0, lt=1)
+    translation: float = Field(ge=0, lt=1)
+    contrast: float = Field(ge=0, lt=1)
+    batch_size: int = Field(ge=1)
+    preview_images: int = Field(ge=1, le=32)
+
+
+class TrainParams(Section):
+    device: Literal["auto", "cpu", "gpu"]
+    mixed_precision: bool = Field(description="float16 compute; GPU only")
+    xla: bool = Field(description="jit_compile models; GPU only")
+    batch_size: int = Field(ge=1)
+    early_stopping_patience: int = Field(ge=0, description="0 = off")
+    reduce_lr_patience: int = Field(ge=0, description="0 = off")
+    reduce_lr_factor: float = Field(gt=0, lt=1)
+    use_augmented: bool = Field(description="add the augment stage's copies to the train split")
+    augment_on_the_fly: bool = Field(description="random augmentation layers inside the model while training")
+
+
+class BaselinesParams(Section):
+    models: list[Literal[BASELINE_MODELS]] = Field(min_length=1)  # type: ignore[valid-type]
+    epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    pixels_size: int = Field(ge=4, description="side of the downscaled image fed to scikit-learn models")
+    forest_trees: int = Field(ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a model twice; got {value}")
+        return value
+
+
+class TuneParams(Section):
+    algorithm: Literal["random", "hyperband", "bayesian"]
+    max_trials: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    subset: float = Field(gt=0, le=1, description="fraction of the train split used while searching")
+    final_epochs: int = Field(ge=1, description="epochs when the best hyperparameters are retrained")
+
+
+class TransferParams(Section):
+    backbone: Literal[BACKBONES]  # type: ignore[valid-type]
+    weights: str = Field(min_length=1, description="imagenet, none, or a path to a weights file")
+    weights_mirrors: dict[str, list[str]] = Field(
+        default_factory=dict, description="backbone -> local copies of its ImageNet weights, tried first"
+    )
+    image_size: int = Field(ge=71, le=1024)
+    dropout: float = Field(ge=0, lt=1)
+    epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    fine_tune_epochs: int = Field(ge=0)
+    fine_tune_layers: int = Field(ge=0)
+    fine_tune_learning_rate: float = Field(gt=0)
+
+
+class EvaluateParams(Section):
+    top_k: int = Field(ge=1)
+    confused_pairs: int = Field(ge=0)
+    registered_model: str = Field(min_length=1)
+
+
+class MlflowParams(Section):
+    tracking_uri: str | None = Field(description="null = sqlite store under <project>/mlruns")
+    experiment: str = Field(min_length=1)
+
+
+class Params(Section):
+    seed: int = Field(ge=0)
+    data: DataParams
+    preprocess: PreprocessParams
+    augment: AugmentParams
+    train: TrainParams
+    baselines: BaselinesParams
+    tune: TuneParams
+    transfer: TransferParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+
+def parse_checksum(value: str) -> tuple[str, str]:
+    """'HEX' (sha256), 'sha256:HEX' or 'md5:HEX' -> (algorithm, lowercase hex)."""
+    algo, _, digest = value.rpartition(":")
+    algo = algo or "sha256"
+    lengths = {"sha256": 64, "md5": 32}
+    if algo not in lengths or not re.fullmatch(f"[0-9a-fA-F]{{{lengths[algo]}}}", digest):
+        raise ValueError(f"must be a sha256 hex digest, 'sha256:HEX' or 'md5:HEX'; got {value!r}")
+    return algo, digest.lower()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` may hold, to list them beside an unknown one."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:  # a dict key such as a dataset's name: the value type is one level down
+            continue
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        nested = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Params, error["loc"][:-1])
+        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error":  # our own validators: complete sentences, some naming the key
+        return message if message.startswith((f"{key} ", f"{key}.")) else f"{key}: {message}"
+    return f"{key}: {message}; got {error['input']!r}"
+
+
+def validate(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors(include_url=False)]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run from the project root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return validate(raw, str(path))

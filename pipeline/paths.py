@@ -1,0 +1,46 @@
+"""Every file the stages exchange, relative to the project root (DVC runs each stage from there)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+DVC_YAML = Path("dvc.yaml")
+
+DATA = Path("data")
+RAW = DATA / "raw"                      # download: class-per-folder files
+RAW_MANIFEST = DATA / "raw.json"        # download: files, sha256, class counts, who served them
+WEIGHTS = DATA / "weights"              # download: backbone weights + weights.json
+DOWNLOADS = DATA / ".downloads"         # not a DVC output: partial downloads survive for resuming
+PREPARED = DATA / "prepared"            # preprocess: one image set (see imageset.py)
+AUGMENTED = DATA / "augmented"          # augment: the train split's augmented copies
+
+METRICS = Path("metrics")               # metrics/<stage>.json, one per stage (DVC metrics)
+REPORTS = Path("reports")
+QUARANTINE = REPORTS / "quarantine.json"
+AUGMENT_PREVIEW = REPORTS / "augment_preview.png"
+
+MLRUNS = Path("mlruns")                 # MLflow: mlflow.db + artifacts/
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The user's project directory, also when DVC runs us in a temporary copy.
+
+    `dvc exp run --temp/--queue` runs stages inside `<project>/.dvc/tmp/exps/<run>/`, which is
+    deleted afterwards: tracking stores and relative mirror paths must resolve against <project>.
+    """
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def resolve_local(path: str | Path, root: Path | None = None) -> Path:
+    """A user-given local path (a mirror, a weights file): relative ones are relative to the project."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (root or workspace_root()) / path

@@ -1,0 +1,177 @@
+"""MLflow tracking: one run per stage execution, the same numbers in metrics/<stage>.json for DVC.
+
+Runs are tagged so that `mlflow ui` can compare runs from `dvc repro`, `dvc exp run` and other
+machines: stage, git commit, DVC experiment name, a hash of the stage's params, the device used
+and the host. The stage's params are the keys dvc.yaml lists for it: one list, read by both tools.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import fsio, paths
+from pipeline.device import DeviceInfo, host_tags
+from pipeline.params import Params
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI, else mlflow.tracking_uri, else a sqlite store in the user's workspace.
+
+    The path is absolute and points at the workspace even from a `dvc exp run --temp` copy,
+    whose directory (and anything relative to it) is deleted when the experiment ends.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    if uri:
+        return uri
+    store = paths.workspace_root() / paths.MLRUNS
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def stage_params(stage: str, params: Params, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
+    """The params `stage` depends on, as dvc.yaml lists them; all params where dvc.yaml has no such stage."""
+    tree = params.model_dump(mode="json")
+    try:
+        declared = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("params", [])
+    except (FileNotFoundError, KeyError, TypeError):
+        return tree
+    keys: list[str] = []
+    for entry in declared:  # a key of params.yaml, or {other_file: [keys]}
+        keys.extend([entry] if isinstance(entry, str) else entry.get(str(paths.PARAMS), []))
+    return {key: _lookup(tree, key) for key in keys}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_tags(stage: str, values: Mapping[str, Any], device: DeviceInfo) -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    return {
+        "stage": stage,
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "params.hash": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16],
+        **device.tags(),
+        **host_tags(),
+    }
+
+
+class StageRun:
+    """The handle a stage logs through; it also counts the time spent in MLflow."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.metrics: dict[str, Any] = {}
+        self.images = 0  # images the stage processed, for images_per_second
+        self.tracking_seconds = 0.0
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tracking_seconds += time.perf_counter() - start
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """The stage's own results: kept for metrics/<stage>.json and logged to MLflow at the end."""
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        with self._timed():
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        with self._timed():
+            mlflow.set_tags(dict(tags))
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, creating it with artifacts in the workspace's mlruns/ (not the cwd's)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (paths.workspace_root() / paths.MLRUNS / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a parallel `dvc queue` worker
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageRun]:
+    """One MLflow run for one execution of `stage`; on success also writes metrics/<stage>.json.
+
+    A failing stage leaves its run marked FAILED and writes no metrics file.
+    """
+    start = time.perf_counter()
+    run = StageRun(stage)
+    with run._timed():
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(params))
+        experiment_id = _experiment_id(mlflow.MlflowClient(), params.mlflow.experiment)
+        values = stage_params(stage, params)
+        active = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, values, device)
+        )
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(values).items()})
+    print(f"[{stage}] MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}", file=sys.stderr)
+    with active:
+        yield run
+        seconds = time.perf_counter() - start
+        work_seconds = seconds - run.tracking_seconds
+        summary = {
+            **run.metrics,
+            "stage_seconds": round(seconds, 3),
+            # Throughput of the stage's own work: tracking overhead is reported on its own below.
+            "images_per_second": round(run.images / work_seconds, 2) if run.images else 0.0,
+        }
+        with run._timed():
+            mlflow.log_metrics(flatten(summary))
+        # Measured last, so it covers every MLflow call the stage made but this one.
+        summary["tracking_seconds"] = round(run.tracking_seconds, 3)
+        mlflow.log_metric("tracking_seconds", summary["tracking_seconds"])
+        fsio.write_json(paths.metrics_file(stage), summary)
