@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -93,7 +94,7 @@ def download(url: str, dest: Path, checksum: str | None = None, retries: int = 4
             _transfer(url, part, timeout)
             break
         except urllib.error.HTTPError as exc:
-            if 400 <= exc.code < 500:
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):  # timeouts and rate limits pass
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
             problem: Exception = exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
@@ -120,17 +121,18 @@ def extract(archive: Path, dest: Path) -> None:
     """Unpack a zip or tar archive into `dest`, refusing members that would land outside it."""
     dest = dest.resolve()
     try:
-        if zipfile.is_zipfile(archive):
+        # tar first: is_zipfile() also accepts a plain tar whose last member happens to be a zip.
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as bundle:
+                bundle.extractall(dest, filter="data")  # rejects absolute paths, '..', device files
+        elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as bundle:
                 for member in bundle.namelist():
                     if not (dest / member).resolve().is_relative_to(dest):
                         raise UserError(f"{archive}: member {member!r} would be written outside the target")
                 bundle.extractall(dest)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as bundle:
-                bundle.extractall(dest, filter="data")  # rejects absolute paths, '..', device files
         else:
             raise UserError(f"{archive}: not a zip or tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise UserError(f"{archive}: broken archive ({exc})") from None
 

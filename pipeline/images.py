@@ -75,7 +75,7 @@ def load_rgb(path: Path, *, max_pixels: int, min_size: int = 1, draft: int | Non
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"decompression bomb: {exc}") from None
     except OSError as exc:
-        kind = "truncated" if "truncated" in str(exc) else "corrupt"
+        kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise BadImage(f"{kind}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad file
         raise BadImage(f"corrupt: {type(exc).__name__}: {exc}") from None

@@ -61,3 +61,7 @@ def load_split(directory: Path, name: str, mmap: bool = True) -> Split:
 
 def load_classes(directory: Path) -> list[str]:
     return fsio.read_json(Path(directory) / "classes.json")
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    return fsio.read_json(Path(directory) / "manifest.json")

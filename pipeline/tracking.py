@@ -161,17 +161,15 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
     print(f"[{stage}] MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}", file=sys.stderr)
     with active:
         yield run
+        with run._timed():
+            mlflow.log_metrics(flatten(run.metrics))
         seconds = time.perf_counter() - start
         work_seconds = seconds - run.tracking_seconds
-        summary = {
-            **run.metrics,
+        timings = {
             "stage_seconds": round(seconds, 3),
-            # Throughput of the stage's own work: tracking overhead is reported on its own below.
+            # Throughput of the stage's own work; the tracking overhead is reported beside it.
             "images_per_second": round(run.images / work_seconds, 2) if run.images else 0.0,
+            "tracking_seconds": round(run.tracking_seconds, 3),
         }
-        with run._timed():
-            mlflow.log_metrics(flatten(summary))
-        # Measured last, so it covers every MLflow call the stage made but this one.
-        summary["tracking_seconds"] = round(run.tracking_seconds, 3)
-        mlflow.log_metric("tracking_seconds", summary["tracking_seconds"])
-        fsio.write_json(paths.metrics_file(stage), summary)
+        mlflow.log_metrics(timings)
+        fsio.write_json(paths.metrics_file(stage), {**run.metrics, **timings})

@@ -33,7 +33,7 @@ def build_augmenter(settings: AugmentParams, seed: int) -> Any:
         )
     if settings.contrast:
         layers.append(keras.layers.RandomContrast(settings.contrast, value_range=(0, 255), seed=seed + 4))
-    return keras.Sequential(layers, name="augmenter")
+    return keras.Sequential(layers or [keras.layers.Identity()], name="augmenter")
 
 
 def augment(images: np.ndarray, copies: int, augmenter: Any, batch_size: int) -> np.ndarray:

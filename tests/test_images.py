@@ -1,0 +1,120 @@
+"""Decoding untrusted files: every bad kind gets a reason, every odd-but-valid kind becomes RGB."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import BadImage, fit, load_array, load_rgb
+
+from .conftest import write_image
+
+LIMIT = 89_478_485
+
+
+def encoded(fmt: str) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def flipped(data: bytes, start: int, stop: int) -> bytes:
+    return data[:start] + bytes(b ^ 0xFF for b in data[start:stop]) + data[stop:]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels, a few hundred bytes long."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"this is a text file, not a picture\n" * 10, "not an image"),
+        (encoded("JPEG")[:3000], "truncated"),
+        (encoded("PNG")[:5000], "truncated"),
+        (flipped(encoded("PNG"), 200, 400), "corrupt"),
+        (bomb_png(100_000, 100_000), "decompression bomb"),
+    ],
+    ids=["zero-byte", "non-image", "truncated-jpeg", "truncated-png", "corrupt-png", "bomb"],
+)
+def test_bad_files_are_rejected_with_their_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(BadImage, match=reason):
+        load_rgb(path, max_pixels=LIMIT)
+
+
+def test_too_small_and_over_limit(tmp_path):
+    path = write_image(tmp_path / "small.png", size=(20, 60))
+    with pytest.raises(BadImage, match="too small: 20x60"):
+        load_rgb(path, max_pixels=LIMIT, min_size=32)
+    with pytest.raises(BadImage, match="decompression bomb: 20x60 = 1200 px > max_pixels 1000"):
+        load_rgb(path, max_pixels=1000)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :40] = (255, 0, 0)  # left half red, right half blue
+    pixels[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers rotate 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upright = np.asarray(load_rgb(path, max_pixels=LIMIT))
+    assert upright.shape == (80, 40, 3)
+    assert upright[5, 20, 0] > 200 and upright[5, 20, 2] < 60  # red now on top
+    assert upright[75, 20, 2] > 200 and upright[75, 20, 0] < 60  # blue at the bottom
+
+
+def test_modes_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 255, 0))  # fully transparent blue -> white
+    rgba.save(tmp_path / "rgba.png")
+    Image.new("LA", (40, 40), (0, 0)).save(tmp_path / "la.png")
+    Image.new("L", (40, 40), 77).save(tmp_path / "gray.png")
+    palette = Image.new("P", (40, 40), 3)
+    palette.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 200, 100, 50] + [0] * 756)
+    palette.save(tmp_path / "palette.png")
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # pure red ink
+    Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16)).save(tmp_path / "sixteen.png")
+    Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)).save(tmp_path / "sixteen_mid.png")
+
+    def pixel(name):
+        image = load_rgb(tmp_path / name, max_pixels=LIMIT)
+        assert image.mode == "RGB" and image.size == (40, 40)
+        return tuple(int(v) for v in np.asarray(image)[20, 20])
+
+    assert pixel("rgba.png") == (255, 255, 255)
+    assert pixel("la.png") == (255, 255, 255)
+    assert pixel("gray.png") == (77, 77, 77)
+    assert pixel("palette.png") == (200, 100, 50)
+    red = pixel("cmyk.jpg")
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    assert pixel("sixteen.png") == (255, 255, 255)  # scaled, not clipped
+    assert pixel("sixteen_mid.png") == (128, 128, 128)
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "center_crop"])
+def test_resize_modes(tmp_path, mode):
+    wide = Image.new("RGB", (200, 100), (0, 200, 0))
+    out = np.asarray(fit(wide, 50, mode))
+    assert out.shape == (50, 50, 3)
+    corner_is_black = tuple(out[0, 0]) == (0, 0, 0)
+    assert corner_is_black == (mode == "pad")
+
+
+def test_draft_decoding_keeps_the_result_close(tmp_path):
+    path = write_image(tmp_path / "big.jpg", size=(640, 480))
+    fast = load_array(path, size=100, resize="stretch", max_pixels=LIMIT).astype(int)
+    with Image.open(path) as image:
+        exact = np.asarray(fit(image.convert("RGB"), 100, "stretch")).astype(int)
+    assert fast.shape == (100, 100, 3) and fast.dtype == np.int64
+    assert np.abs(fast - exact).mean() < 12  # noise image: the hardest case for scaled decoding

@@ -1,0 +1,152 @@
+"""preprocess on real files: nothing lost, nothing crashes, shots never straddle splits."""
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import imageset
+from pipeline.errors import UserError
+from pipeline.stages.preprocess import assign_splits, group_of, prepare
+
+from .conftest import make_dataset, write_image
+
+
+def settings(params, **changes):
+    return params.preprocess.model_copy(update={"image_size": 32, "workers": 1, **changes})
+
+
+def by_path(out):
+    return {e["path"]: e for e in imageset.load_manifest(out)["files"]}
+
+
+def test_every_file_ends_in_a_split_or_quarantine(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=3, shots=4, frames=2)
+    bad = {
+        "class0/empty.jpg": b"",
+        "class1/notes.txt": b"not a picture",
+        "class2/.DS_Store": b"\0\0\0\1Bud1",
+        "class1/cut.jpg": (raw / "class1" / "shot0.jpg").read_bytes()[:400],
+    }
+    for name, content in bad.items():
+        (raw / name).write_bytes(content)
+    write_image(raw / "class0" / "tiny.png", size=(8, 8))
+    write_image(raw / "class2" / "gray.png", mode="L")  # odd but good
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, quarantined = prepare(raw, out, settings(params), seed=0)
+
+    assert metrics["images_in"] == 3 * 4 * 2 + len(bad) + 2
+    assert metrics["images_in"] == metrics["images_out"] + metrics["quarantined"] + metrics["dropped_images"]
+    reasons = {q["path"]: q["reason"] for q in quarantined}
+    assert set(reasons) == set(bad) | {"class0/tiny.png"}
+    assert reasons["class0/empty.jpg"].startswith("empty file")
+    assert reasons["class1/notes.txt"].startswith("not an image")
+    assert reasons["class1/cut.jpg"].startswith("truncated")
+    assert reasons["class0/tiny.png"].startswith("too small")
+
+    entries = by_path(out)
+    good = [p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file() and p.relative_to(raw).as_posix() not in reasons]
+    assert all(entries[p]["split"] in ("train", "val", "test") for p in good)
+    assert imageset.load_classes(out) == ["class0", "class1", "class2"]
+    total = 0
+    for name in ("train", "val", "test"):
+        split = imageset.load_split(out, name)
+        assert split.images.shape[1:] == (32, 32, 3) and split.images.dtype == np.uint8
+        assert metrics["split"][name]["images"] == len(split.labels)
+        total += len(split.labels)
+    assert total == metrics["images_out"] == len(good)
+    assert not (out / "_decoded.npy").exists()
+
+
+def test_rows_hold_the_right_pixels(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=3, frames=1)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    prepare(raw, out, settings(params, resize="stretch"), seed=0)
+    entries = [e for e in imageset.load_manifest(out)["files"] if e["split"] == "test"]
+    test = imageset.load_split(out, "test")
+    for row, entry in enumerate(entries):  # manifest order is the row order within a split
+        from pipeline.images import load_array
+
+        expected = load_array(raw / entry["path"], size=32, resize="stretch", max_pixels=10**8)
+        np.testing.assert_array_equal(test.images[row], expected)
+        assert imageset.load_classes(out)[test.labels[row]] == entry["class"]
+
+
+def test_two_workers_give_the_same_bytes(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=3)
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        out.mkdir()
+        prepare(raw, out, settings(params, workers=workers), seed=3)
+        outputs.append(out)
+    for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "test_labels.npy"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes()
+
+
+def test_group_pattern_on_rps_names():
+    pattern = re.compile(r"^(.+?)(?:_\d+)?\.\w+$")
+    assert group_of("rock/2019-04-03_13-17-39.jpg", pattern) == "rock/2019-04-03_13-17-39"
+    assert group_of("rock/2019-04-03_13-17-39_12.jpg", pattern) == "rock/2019-04-03_13-17-39"
+    assert group_of("rock/odd name", pattern) == "rock/odd name"
+    assert group_of("rock/a_1.jpg", None) == "rock/a_1.jpg"
+
+
+def shots_in_splits(out):
+    seen = {}
+    for entry in imageset.load_manifest(out)["files"]:
+        shot = re.sub(r"(_\d+)?\.jpg$", "", entry["path"])
+        seen.setdefault(shot, set()).add(entry["split"])
+    return seen
+
+
+def test_shared_rps_split_keeps_every_shot_in_one_split(tmp_path, params, shared_rps):
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, quarantined = prepare(shared_rps, out, settings(params, workers=2), seed=42)
+    assert quarantined == [] and metrics["images_in"] == 1307
+    seen = shots_in_splits(out)
+    assert all(len(splits) == 1 for splits in seen.values())
+    counts = {k: v["images"] for k, v in metrics["split"].items()}
+    assert 0.6 < counts["train"] / 1307 < 0.8 and counts["val"] > 100 and counts["test"] > 100
+    assert sum(v["groups"] for v in metrics["split"].values()) == len(seen)
+    # Every class is in every split.
+    for name in ("train", "val", "test"):
+        assert set(imageset.load_split(out, name).labels.tolist()) == {0, 1, 2}
+
+    # The random frame split (no grouping) scatters the frames of most shots over several splits.
+    random_out = tmp_path / "random"
+    random_out.mkdir()
+    prepare(shared_rps, random_out, settings(params, workers=2, group_pattern=None), seed=42)
+    leaked = sum(len(splits) > 1 for splits in shots_in_splits(random_out).values())
+    assert leaked > len(seen) / 2
+
+
+def test_stratified_group_assignment_matches_fractions():
+    labels = np.repeat([0, 1], 100)
+    groups = [f"{label}/g{i // 5}" for i, label in enumerate(labels)]
+    split = assign_splits(labels, groups, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0, classes=["a", "b"])
+    for label in (0, 1):
+        counts = np.bincount(split[labels == label], minlength=3)
+        assert counts.tolist() == [60, 20, 20]
+    for g in set(groups):
+        assert len({split[i] for i, name in enumerate(groups) if name == g}) == 1
+
+
+def test_class_with_too_few_shots_is_a_clear_error(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=2)
+    shutil.rmtree(raw / "class1")
+    make_dataset(tmp_path / "few", classes=1, shots=2, frames=3)
+    shutil.copytree(tmp_path / "few" / "class0", raw / "class1")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with pytest.raises(UserError, match=r"class 'class1' has 6 images in 2 group\(s\).*min_per_class=7"):
+        prepare(raw, out, settings(params), seed=0)
+    make_dataset(raw.parent / "more", classes=1, shots=3, frames=3)
+    shutil.copytree(raw.parent / "more" / "class0", raw / "class2")
+    metrics, _ = prepare(raw, out, settings(params, min_per_class=7), seed=0)  # class1 dropped
+    assert metrics["dropped_classes"] == 1 and metrics["dropped_images"] == 6
+    assert imageset.load_classes(out) == ["class0", "class2"]
+    assert metrics["images_in"] == metrics["images_out"] + metrics["dropped_images"]
