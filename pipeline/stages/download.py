@@ -87,8 +87,18 @@ def _from_tfds(name: str, dest: Path, scratch: Path) -> None:
         (folder / f"{index:06d}{suffix}").write_bytes(example[image_key])
 
 
+def _from_local(path: Path, spec: DatasetSpec, dest: Path, scratch: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return {"ignored": copy_classes(path, dest)}
+    if not fetch.is_archive(path):
+        raise UserError(f"{path} is neither a class-per-folder directory nor a .zip/.tar/.tar.gz archive")
+    archive_sha256 = fetch.verify(path, spec.checksum, str(path))
+    return {"archive_sha256": archive_sha256, "ignored": _from_archive(path, spec, dest, scratch)}
+
+
 def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path) -> dict[str, Any]:
     """Fill `dest` with class folders from the first mirror that exists, else from the source."""
+    scratch.mkdir(parents=True, exist_ok=True)
     for mirror in spec.mirrors:
         local = paths.resolve_local(mirror, root)
         if local.exists():
@@ -116,15 +126,6 @@ def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path) -> dic
     return served | _from_local(local, spec, dest, scratch)
 
 
-def _from_local(path: Path, spec: DatasetSpec, dest: Path, scratch: Path) -> dict[str, Any]:
-    if path.is_dir():
-        return {"ignored": copy_classes(path, dest)}
-    if not fetch.is_archive(path):
-        raise UserError(f"{path} is neither a class-per-folder directory nor a .zip/.tar/.tar.gz archive")
-    archive_sha256 = fetch.verify(path, spec.checksum, str(path))
-    return {"archive_sha256": archive_sha256, "ignored": _from_archive(path, spec, dest, scratch)}
-
-
 def inventory(raw: Path) -> dict[str, Any]:
     """Every file under `raw` with its size and sha256, and the count per class."""
     files = sorted(p for p in raw.rglob("*") if p.is_file())
@@ -145,7 +146,8 @@ def resolve_weights(transfer: TransferParams, dest: Path, scratch: Path, root: P
     if transfer.weights == "none":
         return record | {"served_by": "none"}
     if transfer.weights == "imagenet":
-        found = [p for m in transfer.weights_mirrors.get(transfer.backbone, []) if (p := paths.resolve_local(m, root)).is_file()]
+        mirrors = [paths.resolve_local(m, root) for m in transfer.weights_mirrors.get(transfer.backbone, [])]
+        found = [mirror for mirror in mirrors if mirror.is_file()]
         if found:
             source, served = found[0], "mirror"
         elif transfer.backbone in KERAS_NOTOP_WEIGHTS:
@@ -174,7 +176,6 @@ def resolve_weights(transfer: TransferParams, dest: Path, scratch: Path, root: P
 def main() -> None:
     params = load_params()
     root = paths.workspace_root()
-    paths.DOWNLOADS.mkdir(parents=True, exist_ok=True)
     with tracking.stage_run("download", params, device.cpu_only()) as run:
         spec = params.data.spec
         with fsio.atomic_dir(paths.RAW) as raw:
