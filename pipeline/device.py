@@ -1,17 +1,19 @@
 """train.device -> what TensorFlow may see, checked; plus what was actually used, for the logs.
 
-Call `configure()` before anything imports TensorFlow: hiding GPUs only works before it starts.
+Call `configure()` before TensorFlow runs anything: hiding GPUs only works before its runtime starts.
 TensorFlow silently falls back to the CPU when a GPU is missing; `device=gpu` here is an error instead.
 """
 from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 
 from pipeline.errors import UserError
+from pipeline.params import TrainParams
 
 
 class DeviceError(UserError):
@@ -48,7 +50,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(*dists: str) -> str:
+def package_version(*dists: str) -> str:
     for dist in dists:
         try:
             return metadata.version(dist)
@@ -63,8 +65,8 @@ def host_tags() -> dict[str, str]:
         "cpu.model": cpu_model(),
         "cpu.cores": str(os.cpu_count()),
         "python.version": platform.python_version(),
-        "tensorflow.version": _version("tensorflow", "tensorflow-cpu"),
-        "keras.version": _version("keras"),
+        "tensorflow.version": package_version("tensorflow", "tensorflow-cpu"),
+        "keras.version": package_version("keras"),
         "tf.onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
     }
 
@@ -72,6 +74,8 @@ def host_tags() -> dict[str, str]:
 def cpu_only() -> DeviceInfo:
     """For stages whose output must not depend on the hardware (offline augmentation)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    if "tensorflow" in sys.modules:  # imported already, but its runtime starts on first use: hide GPUs there too
+        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
     return DeviceInfo("cpu", cpu_model(), os.cpu_count() or 1)
 
 
@@ -110,3 +114,8 @@ def configure(requested: str, *, mixed_precision: bool = False, xla: bool = Fals
         keras.mixed_precision.set_global_policy("mixed_float16")
     return info
 
+
+
+def configure_training(settings: TrainParams) -> DeviceInfo:
+    """configure() from the train section: what every stage that trains or infers calls first."""
+    return configure(settings.device, mixed_precision=settings.mixed_precision, xla=settings.xla)

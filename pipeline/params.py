@@ -139,6 +139,7 @@ class TuneParams(Section):
     max_trials: int = Field(ge=1)
     epochs: int = Field(ge=1)
     subset: float = Field(gt=0, le=1, description="fraction of the train split used while searching")
+    image_size: int = Field(ge=16, le=1024, description="side the searched models resize their input to")
     final_epochs: int = Field(ge=1, description="epochs when the best hyperparameters are retrained")
 
 

@@ -13,11 +13,23 @@ WEIGHTS = DATA / "weights"              # download: backbone weights + weights.j
 DOWNLOADS = DATA / ".downloads"         # not a DVC output: partial downloads survive for resuming
 PREPARED = DATA / "prepared"            # preprocess: one image set (see imageset.py)
 AUGMENTED = DATA / "augmented"          # augment: the train split's augmented copies
+MODELS = DATA / "models"                # one directory per model stage, plus the champion
+BASELINE_MODELS = MODELS / "baselines"  # baselines: <name>.keras|.skops + <name>.json
+TUNED_MODELS = MODELS / "tuned"         # tune: the best hyperparameters, retrained
+TRANSFER_MODELS = MODELS / "transfer"   # transfer: the exported backbone + head
+CHAMPION = MODELS / "champion.keras"    # evaluate: a copy of the best Keras model (+ champion.json)
+TUNER = DATA / "tuner"                  # tune: keras-tuner's trials (persisted, so a search resumes)
+FEATURES = DATA / "features"            # features: the frozen backbone's pooled features per split
 
 METRICS = Path("metrics")               # metrics/<stage>.json, one per stage (DVC metrics)
 REPORTS = Path("reports")
 QUARANTINE = REPORTS / "quarantine.json"
 AUGMENT_PREVIEW = REPORTS / "augment_preview.png"
+CURVES = REPORTS / "curves"             # <stage>/<model>.json learning curves (DVC plots)
+EVALUATION = REPORTS / "evaluate"       # per-model confusion PNG, confused pairs, class report
+PREDICTIONS = REPORTS / "predictions"   # <model>.json actual/predicted rows (DVC confusion plots)
+LEADERBOARD_MD = REPORTS / "leaderboard.md"
+LEADERBOARD = METRICS / "leaderboard.json"
 
 MLRUNS = Path("mlruns")                 # MLflow: mlflow.db + artifacts/
 

@@ -69,6 +69,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _loggable(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+
 def _git(*args: str) -> str:
     try:
         done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
@@ -97,12 +101,13 @@ class StageRun:
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
+        self.tags: dict[str, str] = {}  # copied onto nested runs, so they filter the same way
         self.metrics: dict[str, Any] = {}
         self.images = 0  # images the stage processed, for images_per_second
         self.tracking_seconds = 0.0
 
     @contextmanager
-    def _timed(self) -> Iterator[None]:
+    def timed(self) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
@@ -116,14 +121,33 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         import mlflow
 
-        with self._timed():
+        with self.timed():
             mlflow.log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
 
-        with self._timed():
+        with self.timed():
             mlflow.set_tags(dict(tags))
+
+    def log_active(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Straight to whichever run is active (a nested one): per-epoch curves, a model's scores."""
+        import mlflow
+
+        with self.timed():
+            mlflow.log_metrics(dict(metrics), step=step)
+
+    @contextmanager
+    def nested(self, name: str, params: Mapping[str, Any], kind: str = "model") -> Iterator[str]:
+        """A child run of the stage's run (a model, a trial); yields its run id."""
+        import mlflow
+
+        with self.timed():
+            experiment_id = mlflow.active_run().info.experiment_id  # else MLflow files it under "Default"
+            child = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True, tags={**self.tags, kind: name})
+            mlflow.log_params(_loggable(flatten(params)))
+        with child:
+            yield child.info.run_id
 
 
 def _experiment_id(client: Any, name: str) -> str:
@@ -148,20 +172,19 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
     """
     start = time.perf_counter()
     run = StageRun(stage)
-    with run._timed():
+    with run.timed():
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(params))
         experiment_id = _experiment_id(mlflow.MlflowClient(), params.mlflow.experiment)
         values = stage_params(stage, params)
-        active = mlflow.start_run(
-            experiment_id=experiment_id, run_name=stage, tags=run_tags(stage, values, device)
-        )
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(values).items()})
+        run.tags = run_tags(stage, values, device)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run.tags)
+        mlflow.log_params(_loggable(flatten(values)))
     print(f"[{stage}] MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}", file=sys.stderr)
     with active:
         yield run
-        with run._timed():
+        with run.timed():
             mlflow.log_metrics(flatten(run.metrics))
         seconds = time.perf_counter() - start
         work_seconds = seconds - run.tracking_seconds

@@ -2,7 +2,8 @@
 import keras
 import numpy as np
 
-from pipeline.stages.augment import augment, build_augmenter, preview_grid
+from pipeline.models.layers import build_augmenter
+from pipeline.stages.augment import augment, preview_grid
 
 
 def originals(count=10, size=32):

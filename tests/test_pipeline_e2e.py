@@ -1,4 +1,4 @@
-"""The real thing: `dvc repro` and `dvc exp run` in a temporary copy of the project, then MLflow."""
+"""The real thing: `dvc repro` of all stages and `dvc exp run` in a temporary copy, then MLflow and predict."""
 import json
 import os
 import shutil
@@ -10,12 +10,20 @@ import mlflow
 import pytest
 import yaml
 
-from .conftest import REPO, make_dataset
+from .conftest import REPO, make_dataset, write_image
+
+STAGES = ("download", "preprocess", "augment", "baselines", "tune", "features", "transfer", "evaluate")
+MODEL_STAGES = ("baselines", "tune", "features", "transfer", "evaluate")
 
 
-def sh(cwd: Path, *args: str, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+def sh(cwd: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def output(done: subprocess.CompletedProcess) -> str:
     return done.stdout + done.stderr
 
 
@@ -32,7 +40,13 @@ def project(tmp_path):
     params["data"] = {"dataset": "tiny", "datasets": {"tiny": {"source": str(photos)}}}
     params["preprocess"].update(image_size=32, min_size=16)
     params["augment"].update(copies=2, preview_images=3)
-    params["transfer"].update(weights="none")
+    params["train"].update(batch_size=8, device="auto")
+    params["baselines"].update(
+        models=["random_forest", "logistic", "mlp", "mnist_cnn", "cnn3_small", "cnn1", "cnn3", "cnn3v2"],
+        epochs=2, pixels_size=12, forest_trees=10,
+    )
+    params["tune"].update(max_trials=2, epochs=1, image_size=16, final_epochs=1)
+    params["transfer"].update(weights="none", image_size=71, epochs=3)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -49,10 +63,10 @@ def stage_runs(root: Path) -> list:
     return mlflow.search_runs(experiment_names=["image-pipeline"], output_format="list")
 
 
-def test_repro_noop_experiment_and_tracking(project):
+def test_repro_noop_experiment_tracking_and_predict(project):
     root, env = project
-    first = sh(root, "dvc", "repro", env=env)
-    for stage in ("download", "preprocess", "augment"):
+    first = output(sh(root, "dvc", "repro", env=env))
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
         assert (root / "metrics" / f"{stage}.json").exists()
     prepared = json.loads((root / "metrics" / "preprocess.json").read_text())
@@ -61,26 +75,72 @@ def test_repro_noop_experiment_and_tracking(project):
     assert augmented["augmented_images"] == 2 * prepared["split"]["train"]["images"]
     assert (root / "reports" / "augment_preview.png").stat().st_size > 0
 
-    again = sh(root, "dvc", "repro", env=env)
+    # Every saved model is on the leaderboard, best first; the champion is the best Keras one.
+    board = json.loads((root / "metrics" / "leaderboard.json").read_text())
+    assert sorted(row["model"] for row in board) == sorted(
+        ["random_forest", "logistic", "mlp", "mnist_cnn", "cnn3_small", "cnn1", "cnn3", "cnn3v2",
+         "tuned_cnn3v2", "xception_transfer"]
+    )
+    accuracies = [row["test_accuracy"] for row in board]
+    assert accuracies == sorted(accuracies, reverse=True)
+    champion = json.loads((root / "data" / "models" / "champion.json").read_text())
+    assert champion["champion_of"] == next(r["model"] for r in board if r["file"].endswith(".keras"))
+    assert "| rank | model |" in (root / "reports" / "leaderboard.md").read_text()
+    for row in board:
+        assert (root / "reports" / "evaluate" / row["model"] / "confusion.png").stat().st_size > 0
+        assert len(json.loads((root / "reports" / "predictions" / f"{row['model']}.json").read_text())) == \
+            prepared["split"]["test"]["images"]
+    curves = json.loads((root / "reports" / "curves" / "baselines" / "cnn3_small.json").read_text())
+    assert [row["epoch"] for row in curves] == [1, 2] and "val_accuracy" in curves[0]
+
+    again = output(sh(root, "dvc", "repro", env=env))
     assert "Data and pipelines are up to date" in again and "Running stage" not in again
-    assert len(stage_runs(root)) == 3
+    runs = stage_runs(root)
+    assert sorted(r.data.tags["stage"] for r in runs if "mlflow.parentRunId" not in r.data.tags) == sorted(STAGES)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {r.data.tags.get("trial") for r in children} >= {"trial_0", "trial_1"}
+    assert sum(1 for r in children if r.data.tags["stage"] == "evaluate") == len(board)
+    cnn = next(r for r in children if r.data.tags.get("model") == "cnn3_small" and r.data.tags["stage"] == "baselines")
+    assert "val_accuracy" in cnn.data.metrics and "epoch_val_accuracy" in cnn.data.metrics
+    registered = mlflow.MlflowClient().get_model_version_by_alias("image-classifier", "champion")
+    assert str(registered.version) == "1"
+
+    # The champion classifies files; a bad one gets an error line and a non-zero exit.
+    good = write_image(root / "query" / "good.jpg", size=(90, 70), seed=5)
+    (root / "query" / "bad.jpg").write_text("not a jpeg")
+    predicted = sh(root, sys.executable, "-m", "pipeline.predict", "--model", "data/models/champion.keras",
+                   str(good), str(root / "query" / "bad.jpg"), env=env, check=False)
+    assert predicted.returncode == 1, predicted.stderr
+    lines = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert lines[0]["label"] in champion["classes"] and "error" in lines[1]
+
+    # train.device on a machine without a GPU: a clear error before any work.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["device"] = "gpu"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    refused = sh(root, sys.executable, "-m", "pipeline.stages.evaluate", env=env, check=False)
+    if "TensorFlow sees no GPU" not in refused.stderr:
+        pytest.skip("this machine has a GPU")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    params["train"]["device"] = "auto"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     sh(root, "git", "add", "-A", env=env)
     sh(root, "git", "commit", "-qm", "baseline", env=env)
-    # A temporary copy under .dvc/tmp/exps: its runs must still land in the workspace's store.
-    exp = sh(root, "dvc", "exp", "run", "--temp", "-n", "size40", "-S", "preprocess.image_size=40", env=env)
-    assert "Running stage 'download'" not in exp
-    assert "Running stage 'preprocess'" in exp and "Running stage 'augment'" in exp
+    # Switching the device re-runs exactly the stages that train or infer, in a temporary copy
+    # under .dvc/tmp/exps whose runs must still land in the workspace's store.
+    exp = output(sh(root, "dvc", "exp", "run", "--temp", "-n", "on-cpu", "-S", "train.device=cpu", env=env))
+    for stage in STAGES:
+        assert (f"Running stage '{stage}'" in exp) == (stage in MODEL_STAGES), stage
 
-    runs = stage_runs(root)
-    assert sorted(r.data.tags["stage"] for r in runs) == ["augment", "augment", "download", "preprocess", "preprocess"]
+    runs = [r for r in stage_runs(root) if "mlflow.parentRunId" not in r.data.tags]
     from_exp = [r for r in runs if r.data.tags["dvc.exp_name"]]
-    assert {r.data.tags["dvc.exp_name"] for r in from_exp} == {"size40"}
-    assert {r.data.params.get("preprocess.image_size") for r in from_exp} == {"40", None}
+    assert sorted(r.data.tags["stage"] for r in from_exp) == sorted(MODEL_STAGES)
+    assert {r.data.params.get("train.device") for r in from_exp} == {"cpu"}
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["device.type"] == "cpu" and run.data.tags["git.commit"]
         assert run.info.artifact_uri.startswith((root / "mlruns" / "artifacts").as_uri())
 
-    shown = sh(root, "dvc", "exp", "show", "--no-pager", "--md", env=env)
-    assert "size40" in shown and "images_per_second" in shown
+    shown = output(sh(root, "dvc", "exp", "show", "--no-pager", "--md", env=env))
+    assert "on-cpu" in shown and "images_per_second" in shown and "test_accuracy" in shown

@@ -12,28 +12,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline import cli, device, fsio, imageset, paths, tracking
-from pipeline.params import AugmentParams, load_params
+from pipeline.params import load_params
 
 log = logging.getLogger("augment")
-
-
-def build_augmenter(settings: AugmentParams, seed: int) -> Any:
-    import keras
-
-    layers: list[Any] = []
-    if settings.flip != "none":
-        layers.append(keras.layers.RandomFlip(settings.flip, seed=seed))
-    if settings.rotation:
-        layers.append(keras.layers.RandomRotation(settings.rotation, fill_mode="reflect", seed=seed + 1))
-    if settings.zoom:
-        layers.append(keras.layers.RandomZoom(settings.zoom, fill_mode="reflect", seed=seed + 2))
-    if settings.translation:
-        layers.append(
-            keras.layers.RandomTranslation(settings.translation, settings.translation, fill_mode="reflect", seed=seed + 3)
-        )
-    if settings.contrast:
-        layers.append(keras.layers.RandomContrast(settings.contrast, value_range=(0, 255), seed=seed + 4))
-    return keras.Sequential(layers or [keras.layers.Identity()], name="augmenter")
 
 
 def augment(images: np.ndarray, copies: int, augmenter: Any, batch_size: int) -> np.ndarray:
@@ -66,6 +47,8 @@ def main() -> None:
     settings = params.augment
     with tracking.stage_run("augment", params, device.cpu_only()) as run:
         import keras
+
+        from pipeline.models.layers import build_augmenter
 
         keras.utils.set_random_seed(params.seed)
         train = imageset.load_split(paths.PREPARED, "train")

@@ -1,0 +1,1 @@
+"""Model builders: the seeds' networks, scikit-learn baselines, keras.applications backbones."""

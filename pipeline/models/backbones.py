@@ -1,0 +1,57 @@
+"""keras.applications backbones by name: constructor, preprocessing, and the frozen feature extractor."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from pipeline import fsio
+from pipeline.errors import UserError
+from pipeline.models.layers import BackbonePreprocess, raw_image_input
+
+# name -> (constructor, module holding its preprocess_input); names match params.BACKBONES.
+_APPLICATIONS: dict[str, tuple[str, str]] = {
+    "xception": ("Xception", "xception"),
+    "vgg16": ("VGG16", "vgg16"),
+    "resnet50v2": ("ResNet50V2", "resnet_v2"),
+    "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
+    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
+    "inceptionv3": ("InceptionV3", "inception_v3"),
+    "densenet121": ("DenseNet121", "densenet"),
+}
+
+
+def preprocess_function(backbone: str) -> Callable[[Any], Any]:
+    module = getattr(keras.applications, _APPLICATIONS[backbone][1])
+    return module.preprocess_input
+
+
+def weights_file(weights_dir: Path) -> Path | None:
+    """The backbone weights the download stage put in place (weights.json), or None for random ones."""
+    record = fsio.read_json(weights_dir / "weights.json")
+    return weights_dir / record["file"] if record["file"] else None
+
+
+def base_model(backbone: str, image_size: int, weights: Path | None) -> keras.Model:
+    """The convolutional base without its top; ImageNet weights from a local file, or random."""
+    constructor = getattr(keras.applications, _APPLICATIONS[backbone][0])
+    try:
+        return constructor(
+            include_top=False,
+            weights=str(weights) if weights else None,
+            input_shape=(image_size, image_size, 3),
+        )
+    except ValueError as exc:  # a too-small input, or weights for another architecture
+        raise UserError(f"cannot build {backbone} at transfer.image_size={image_size} with weights {weights}: {exc}") from None
+
+
+def feature_extractor(base: keras.Model, backbone: str, image_size: int) -> keras.Model:
+    """Raw uint8 images -> pooled features of the frozen base (inference-mode BatchNorm)."""
+    base.trainable = False
+    inputs, x = raw_image_input(image_size)
+    x = BackbonePreprocess(backbone, name="backbone_preprocess")(x)
+    x = base(x, training=False)
+    features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, features, name=f"{backbone}_features")

@@ -1,0 +1,55 @@
+"""scikit-learn baselines on downscaled pixels, saved with skops (no pickle).
+
+skops.io stores the estimator as a schema of known types; loading refuses any type outside
+TRUSTED, so a model file from elsewhere cannot run code the way an unpickled one can.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+CLASSIC_BASELINES = ("random_forest", "logistic")
+# Types skops reports as not trusted by default that our own estimators contain.
+TRUSTED = ("sklearn.tree._tree.Tree",)
+
+
+def pixels(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, size*size*3) in [0, 1], antialiased downscale."""
+    import keras
+
+    out = np.empty((len(images), size * size * 3), dtype=np.float32)
+    for start in range(0, len(images), batch):
+        chunk = np.asarray(images[start : start + batch], dtype=np.float32)
+        small = keras.ops.image.resize(chunk, (size, size), antialias=True)
+        out[start : start + len(chunk)] = keras.ops.convert_to_numpy(small).reshape(len(chunk), -1) / 255.0
+    return out
+
+
+def estimator(name: str, seed: int, trees: int) -> Any:
+    if name == "random_forest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier(n_estimators=trees, n_jobs=-1, random_state=seed)
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=1000, C=0.1, random_state=seed)
+
+
+def save(model: Any, path: Path) -> None:
+    import skops.io as sio
+
+    sio.dump(model, path)
+
+
+def load(path: Path) -> Any:
+    import skops.io as sio
+
+    untrusted = sio.get_untrusted_types(file=path)
+    unexpected = sorted(set(untrusted) - set(TRUSTED))
+    if unexpected:
+        raise UserError(f"{path} holds types this pipeline never saves ({', '.join(unexpected)}); refusing to load it")
+    return sio.load(path, trusted=untrusted)

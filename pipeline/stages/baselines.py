@@ -1,0 +1,98 @@
+"""baselines stage: the seeds' models on the same data -> data/models/baselines + learning curves.
+
+scikit-learn models (random forest, logistic regression) see downscaled pixels; the Keras ones
+(MLP, the MNIST CNN, the chifoumi/cats-vs-dogs CNN, the dog-breed CNNs) train with the seeds'
+callbacks. Each model is one nested MLflow run with its params, curves and timings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from pipeline import cli, device, fsio, imageset, paths, tracking, training
+from pipeline.imageset import Split
+from pipeline.models import classic, cnn, saved
+from pipeline.models.layers import build_augmenter
+from pipeline.params import Params, load_params
+from pipeline.tracking import StageRun
+
+log = logging.getLogger("baselines")
+
+
+def train_classic(
+    name: str, train: Split, val: Split, params: Params, classes: list[str], out: Path
+) -> tuple[dict[str, Any], int]:
+    """Fit, score on val, save; returns the scores and the number of images trained on."""
+    size = params.baselines.pixels_size
+    start = time.perf_counter()
+    model = classic.estimator(name, params.seed, params.baselines.forest_trees)
+    model.fit(classic.pixels(train.images, size), train.labels)
+    seconds = time.perf_counter() - start
+    probabilities = model.predict_proba(classic.pixels(val.images, size))
+    saved.save_classic(model, out, training.model_meta(name, "baselines", params, classes, pixels_size=size))
+    scores = {
+        **training.scores(val.labels, probabilities, "val_"),
+        "train_seconds": round(seconds, 3),
+        "train_images_per_second": round(len(train.labels) / seconds, 2),
+    }
+    return scores, len(train.labels)
+
+
+def train_keras(
+    name: str, train: Split, val: Split, params: Params, classes: list[str], out: Path, curves: Path, run: StageRun
+) -> tuple[dict[str, Any], int]:
+    settings = params.baselines
+    augmenter = build_augmenter(params.augment, params.seed) if params.train.augment_on_the_fly else None
+    model = cnn.build(name, params.preprocess.image_size, settings.pixels_size, len(classes), augmenter)
+    training.compile_classifier(model, settings.learning_rate, params.train)
+    result = training.fit(model, train, val, settings=params.train, epochs=settings.epochs, run=run)
+    training.write_curves(result.rows, curves / f"{name}.json")
+    probabilities = model.predict(val.images, batch_size=params.train.batch_size, verbose=0)
+    meta = training.model_meta(name, "baselines", params, classes, parameters=model.count_params())
+    saved.save_keras(model, out, meta)
+    return {**training.scores(val.labels, probabilities, "val_"), **result.summary}, result.images_seen
+
+
+def model_params(name: str, params: Params) -> dict[str, Any]:
+    """What a model's nested run records: its own settings, not the whole stage's."""
+    if name in classic.CLASSIC_BASELINES:
+        extra = {"trees": params.baselines.forest_trees} if name == "random_forest" else {}
+        return {"model": name, "pixels_size": params.baselines.pixels_size, **extra}
+    return {
+        "model": name,
+        "input_size": params.baselines.pixels_size if name in cnn.SMALL_INPUT else params.preprocess.image_size,
+        "epochs": params.baselines.epochs,
+        "learning_rate": params.baselines.learning_rate,
+        **params.train.model_dump(),
+    }
+
+
+def main() -> None:
+    params = load_params()
+    info = device.configure_training(params.train)
+    with tracking.stage_run("baselines", params, info) as run:
+        keras.utils.set_random_seed(params.seed)
+        classes = imageset.load_classes(paths.PREPARED)
+        train, val = training.training_set(params), training.validation_set()
+        results: dict[str, dict[str, Any]] = {}
+        with fsio.atomic_dir(paths.BASELINE_MODELS) as out, fsio.atomic_dir(paths.CURVES / "baselines") as curves:
+            for name in params.baselines.models:
+                log.info("training %s on %d images", name, len(train.labels))
+                with run.nested(name, model_params(name, params)):
+                    if name in classic.CLASSIC_BASELINES:
+                        result, seen = train_classic(name, train, val, params, classes, out)
+                    else:
+                        result, seen = train_keras(name, train, val, params, classes, out, curves, run)
+                    run.images += seen
+                    run.log_active(result)
+                results[name] = result
+                log.info("%s: val accuracy %.4f", name, result["val_accuracy"])
+        run.log_metrics({"train_images": len(train.labels), "val_images": len(val.labels), "models": results})
+
+
+if __name__ == "__main__":
+    cli.run(main)

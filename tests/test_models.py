@@ -1,0 +1,110 @@
+"""Model builders and saved models: raw uint8 images of any size in, safe round trips on disk."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.preprocessing import FunctionTransformer
+
+from pipeline.errors import UserError
+from pipeline.models import backbones, classic, cnn, saved
+
+CLASSES = ["a", "b", "c"]
+
+
+def uint8_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def keras_meta(name: str) -> dict:
+    return {"name": name, "stage": "baselines", "classes": CLASSES, "image_size": 32, "resize": "stretch"}
+
+
+@pytest.mark.parametrize("name", cnn.KERAS_BASELINES)
+def test_keras_baselines_take_any_image_size(name):
+    model = cnn.build(name, image_size=32, pixels_size=16, num_classes=3)
+    # 40x50, neither the image size nor the pixels size: the Resizing layer inside must adapt it.
+    probabilities = model.predict(uint8_images(2, 40, 50), verbose=0)
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_save_keras_round_trip_loads_in_safe_mode(tmp_path):
+    model = cnn.build("cnn3v2", image_size=32, pixels_size=16, num_classes=3)
+    images = uint8_images(4, 30, 45)
+    path = saved.save_keras(model, tmp_path, keras_meta("cnn3v2"))
+
+    assert path == tmp_path / "cnn3v2.keras"
+    assert saved.meta_path(path).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn3v2.json", "cnn3v2.keras"]  # no temp files left
+    loaded = saved.load(path)
+    assert loaded.is_keras
+    assert loaded.classes == CLASSES
+    assert loaded.meta == {**keras_meta("cnn3v2"), "file": "cnn3v2.keras"}
+    np.testing.assert_allclose(loaded.predict_proba(images), model.predict(images, verbose=0), rtol=1e-6, atol=1e-7)
+
+
+def test_backbone_feature_extractor_round_trip(tmp_path):
+    base = backbones.base_model("xception", 71, None)  # random weights: nothing downloaded
+    extractor = backbones.feature_extractor(base, "xception", 71)
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    model = keras.Model(inputs, extractor(inputs))  # nested, as the transfer export holds it
+    images = uint8_images(2, 60, 90)
+
+    features = model.predict(images, verbose=0)
+    assert features.shape == (2, 2048)
+    assert np.ptp(features) > 0  # random weights still give varied features: the comparison below means something
+    model.save(tmp_path / "features.keras")
+    # safe_mode=True only works because BackbonePreprocess is a registered serializable, not a Lambda.
+    reloaded = keras.saving.load_model(tmp_path / "features.keras", safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), features, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", classic.CLASSIC_BASELINES)
+def test_classic_round_trip(tmp_path, name):
+    images = uint8_images(12, 20, 24)
+    labels = np.arange(12) % 3
+    features = classic.pixels(images, 8)
+    assert features.shape == (12, 8 * 8 * 3)
+    assert features.dtype == np.float32 and 0 <= features.min() and features.max() <= 1
+    estimator = classic.estimator(name, seed=0, trees=5).fit(features, labels)
+
+    path = saved.save_classic(estimator, tmp_path, {**keras_meta(name), "pixels_size": 8})
+    loaded = saved.load(path)
+    assert path.suffix == ".skops" and not loaded.is_keras
+    assert loaded.classes == CLASSES
+    np.testing.assert_array_equal(loaded.predict_proba(images), estimator.predict_proba(features))
+
+
+def test_classic_load_refuses_untrusted_types(tmp_path):
+    # FunctionTransformer(numpy.log1p) would not do: skops trusts numpy ufuncs by default, so the
+    # file reports no untrusted type. os.system is exactly what a hostile model file would carry.
+    path = tmp_path / "hostile.skops"
+    sio.dump(FunctionTransformer(os.system), path)
+    untrusted = sio.get_untrusted_types(file=path)
+    assert untrusted == [f"{os.system.__module__}.system"]
+
+    with pytest.raises(UserError, match="refusing to load") as raised:
+        classic.load(path)
+    assert untrusted[0] in str(raised.value)
+
+
+def test_load_rejects_what_is_not_a_saved_model(tmp_path):
+    with pytest.raises(UserError, match="not a saved model"):
+        saved.load(tmp_path / "missing.keras")
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="not a saved model"):
+        saved.load(text)
+
+    model = tmp_path / "orphan.keras"
+    model.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match=r"orphan\.json is missing"):
+        saved.load(model)
+
+    # With its .json, a damaged file gets a one-line user error rather than a Keras traceback.
+    saved.meta_path(model).write_text('{"name": "orphan", "classes": ["a"]}')
+    with pytest.raises(UserError, match="cannot load the Keras model"):
+        saved.load(model)
