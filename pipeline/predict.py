@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from pipeline import cli
-from pipeline.errors import UserError
 from pipeline.images import BadImage, load_array
 
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit, as preprocess uses by default

@@ -37,6 +37,12 @@ def validation_set() -> Split:
     return val
 
 
+def seeded_data(params: Params) -> tuple[list[str], Split, Split]:
+    """What a training stage starts from: the global seed set, the class names, train and val."""
+    keras.utils.set_random_seed(params.seed)
+    return imageset.load_classes(paths.PREPARED), training_set(params), validation_set()
+
+
 def compile_classifier(model: keras.Model, learning_rate: float, settings: TrainParams) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),

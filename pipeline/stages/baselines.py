@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import keras
-
-from pipeline import cli, device, fsio, imageset, paths, tracking, training
+from pipeline import cli, device, fsio, paths, tracking, training
 from pipeline.imageset import Split
 from pipeline.models import classic, cnn, saved
 from pipeline.models.layers import build_augmenter
@@ -75,9 +73,7 @@ def main() -> None:
     params = load_params()
     info = device.configure_training(params.train)
     with tracking.stage_run("baselines", params, info) as run:
-        keras.utils.set_random_seed(params.seed)
-        classes = imageset.load_classes(paths.PREPARED)
-        train, val = training.training_set(params), training.validation_set()
+        classes, train, val = training.seeded_data(params)
         results: dict[str, dict[str, Any]] = {}
         with fsio.atomic_dir(paths.BASELINE_MODELS) as out, fsio.atomic_dir(paths.CURVES / "baselines") as curves:
             for name in params.baselines.models:
