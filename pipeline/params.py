@@ -124,6 +124,7 @@ class BaselinesParams(Section):
     epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     pixels_size: int = Field(ge=4, description="side of the downscaled image fed to scikit-learn models")
+    normalize: bool = Field(description="Keras baselines scale pixels by 1/255; false feeds raw 0-255 values")
     forest_trees: int = Field(ge=1)
 
     @field_validator("models")

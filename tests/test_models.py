@@ -30,6 +30,13 @@ def test_keras_baselines_take_any_image_size(name):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_normalize_off_feeds_raw_pixel_values():
+    scaled = cnn.build("mlp", image_size=32, pixels_size=8, num_classes=3)
+    raw = cnn.build("mlp", image_size=32, pixels_size=8, num_classes=3, normalize=False)
+    assert "rescale" in [layer.name for layer in scaled.layers]
+    assert "rescale" not in [layer.name for layer in raw.layers]
+
+
 def test_save_keras_round_trip_loads_in_safe_mode(tmp_path):
     model = cnn.build("cnn3v2", image_size=32, pixels_size=16, num_classes=3)
     images = uint8_images(4, 30, 45)

@@ -99,15 +99,22 @@ def classifier(
     input_size: int,
     num_classes: int,
     augmenter: keras.Layer | None = None,
+    normalize: bool = True,
 ) -> keras.Model:
     inputs, x = raw_image_input(input_size, augmenter)
-    x = layers.Rescaling(1 / 255, name="rescale")(x)
+    if normalize:
+        x = layers.Rescaling(1 / 255, name="rescale")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(body(x))
     return keras.Model(inputs, outputs, name=name)
 
 
 def build(
-    name: str, image_size: int, pixels_size: int, num_classes: int, augmenter: keras.Layer | None = None
+    name: str,
+    image_size: int,
+    pixels_size: int,
+    num_classes: int,
+    augmenter: keras.Layer | None = None,
+    normalize: bool = True,
 ) -> keras.Model:
     size = pixels_size if name in SMALL_INPUT else image_size
-    return classifier(name, _BODIES[name], size, num_classes, augmenter)
+    return classifier(name, _BODIES[name], size, num_classes, augmenter, normalize)

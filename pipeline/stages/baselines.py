@@ -45,7 +45,9 @@ def train_keras(
 ) -> tuple[dict[str, Any], int]:
     settings = params.baselines
     augmenter = build_augmenter(params.augment, params.seed) if params.train.augment_on_the_fly else None
-    model = cnn.build(name, params.preprocess.image_size, settings.pixels_size, len(classes), augmenter)
+    model = cnn.build(
+        name, params.preprocess.image_size, settings.pixels_size, len(classes), augmenter, settings.normalize
+    )
     training.compile_classifier(model, settings.learning_rate, params.train)
     result = training.fit(model, train, val, settings=params.train, epochs=settings.epochs, run=run)
     training.write_curves(result.rows, curves / f"{name}.json")
@@ -65,6 +67,7 @@ def model_params(name: str, params: Params) -> dict[str, Any]:
         "input_size": params.baselines.pixels_size if name in cnn.SMALL_INPUT else params.preprocess.image_size,
         "epochs": params.baselines.epochs,
         "learning_rate": params.baselines.learning_rate,
+        "normalize": params.baselines.normalize,
         **params.train.model_dump(),
     }
 

@@ -225,6 +225,8 @@ def main() -> None:
             "models": len(board),
             "champion_test_accuracy": keras_rows[0]["test_accuracy"],
             "best_test_accuracy": board[0]["test_accuracy"],
+            # The leaderboard is a list, which `dvc exp show` does not read: one column per model here.
+            "test_accuracy": {row["model"]: row["test_accuracy"] for row in board},
         })
         log.info("champion: %s (test accuracy %.4f), %s version %s", champion.name, keras_rows[0]["test_accuracy"], settings.registered_model, version)
 
