@@ -103,7 +103,8 @@ def test_repro_noop_experiment_tracking_and_predict(project):
     cnn = next(r for r in children if r.data.tags.get("model") == "cnn3_small" and r.data.tags["stage"] == "baselines")
     assert "val_accuracy" in cnn.data.metrics and "epoch_val_accuracy" in cnn.data.metrics
     registered = mlflow.MlflowClient().get_model_version_by_alias("image-classifier", "champion")
-    assert str(registered.version) == "1"
+    assert str(registered.version) == "1" and registered.tags["dataset"] == "tiny"
+    assert registered.tags["model"] == champion["champion_of"]
 
     # The champion classifies files; a bad one gets an error line and a non-zero exit.
     good = write_image(root / "query" / "good.jpg", size=(90, 70), seed=5)

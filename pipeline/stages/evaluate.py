@@ -168,8 +168,11 @@ def crown(champion: saved.SavedModel) -> dict[str, Any]:
     return meta
 
 
-def register(champion: saved.SavedModel, registered_name: str, run: StageRun) -> str:
-    """Log the champion as an MLflow Keras model, register it, point the `champion` alias at it."""
+def register(champion: saved.SavedModel, registered_name: str, row: dict[str, Any], run: StageRun) -> str:
+    """Log the champion as an MLflow Keras model, register it, point the `champion` alias at it.
+
+    The alias follows the latest evaluate run; the version's tags say which data and experiment it won on.
+    """
     import mlflow
 
     with run.timed():
@@ -185,7 +188,16 @@ def register(champion: saved.SavedModel, registered_name: str, run: StageRun) ->
             metadata={"classes": champion.classes, "source": str(champion.path)},
         )
         version = str(info.registered_model_version)
-        mlflow.MlflowClient().set_registered_model_alias(registered_name, "champion", version)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(registered_name, "champion", version)
+        tags = {
+            "model": champion.name,
+            "dataset": champion.meta["dataset"],
+            "test_accuracy": str(row["test_accuracy"]),
+            "dvc.exp_name": run.tags.get("dvc.exp_name", ""),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_name, version, key, value)
     return version
 
 
@@ -218,7 +230,7 @@ def main() -> None:
             raise UserError("no Keras model to crown: the champion must be a .keras file (predict loads it)")
         champion = saved.load(Path(keras_rows[0]["file"]))
         crown(champion)
-        version = register(champion, settings.registered_model, run)
+        version = register(champion, settings.registered_model, keras_rows[0], run)
         run.set_tags({"champion": champion.name, "champion.version": version})
         run.log_artifact(paths.LEADERBOARD_MD)
         run.log_metrics({
