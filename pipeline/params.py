@@ -81,7 +81,7 @@ class PreprocessParams(Section):
     splits: SplitFractions
     group_pattern: str | None = Field(description="regex on the file name; group 1 names the shot")
     min_per_class: int = Field(ge=1, description="classes with fewer good images are dropped with a warning")
-    workers: int = Field(ge=0, description="decoding processes; 0 = one per core")
+    workers: int = Field(ge=0, description="decoding processes; 0 = auto (one per core from 4,000 files)")
 
     @field_validator("group_pattern")
     @classmethod

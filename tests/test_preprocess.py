@@ -1,4 +1,5 @@
 """preprocess on real files: nothing lost, nothing crashes, shots never straddle splits."""
+import os
 import re
 import shutil
 
@@ -7,7 +8,7 @@ import pytest
 
 from pipeline import imageset
 from pipeline.errors import UserError
-from pipeline.stages.preprocess import assign_splits, group_of, prepare
+from pipeline.stages.preprocess import POOL_MIN_FILES, assign_splits, auto_workers, group_of, prepare
 
 from .conftest import make_dataset, write_image
 
@@ -150,3 +151,8 @@ def test_class_with_too_few_shots_is_a_clear_error(tmp_path, params):
     assert metrics["dropped_classes"] == 1 and metrics["dropped_images"] == 6
     assert imageset.load_classes(out) == ["class0", "class2"]
     assert metrics["images_in"] == metrics["images_out"] + metrics["dropped_images"]
+
+
+def test_auto_workers_use_a_pool_only_where_it_pays():
+    assert auto_workers(POOL_MIN_FILES - 1) == 1
+    assert auto_workers(POOL_MIN_FILES) == (os.cpu_count() or 1)

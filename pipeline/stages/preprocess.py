@@ -86,6 +86,16 @@ def _decode(path: Path, settings: PreprocessParams) -> tuple[np.ndarray | None, 
         return None, str(exc)
 
 
+# Starting spawned workers (fresh interpreters importing numpy, Pillow, pydantic) costs ~1.8 s here, more than
+# decoding all 1,307 rps photos in-process (1.0 s, bench/preprocess_naive.py): below this, one process wins.
+POOL_MIN_FILES = 4000
+
+
+def auto_workers(files: int) -> int:
+    """preprocess.workers=0: one process per core for large datasets, in-process for small ones."""
+    return (os.cpu_count() or 1) if files >= POOL_MIN_FILES else 1
+
+
 def decode_all(
     files: list[Path], settings: PreprocessParams, into: np.ndarray, workers: int
 ) -> list[str | None]:
@@ -109,7 +119,7 @@ def prepare(
     files = list_files(raw)
     size = settings.image_size
     everything = np.lib.format.open_memmap(out / "_decoded.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    workers = settings.workers or os.cpu_count() or 1
+    workers = settings.workers or auto_workers(len(files))
     reasons = decode_all([raw / p for p, _ in files], settings, everything, workers)
 
     good = Counter(label for (_, label), reason in zip(files, reasons) if reason is None)
