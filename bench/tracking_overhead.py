@@ -1,5 +1,6 @@
 """What the DVC + MLflow machinery costs: a no-op `dvc repro`, MLflow's share of each stage's wall time
-(from metrics/<stage>.json), and one `tracking.stage_run` around an empty block, `import mlflow` split out.
+(from metrics/<stage>.json), and one `tracking.stage_run` around an empty block, `import mlflow` split out,
+against the default in-process sqlite store and against a local `mlflow server` over the same kind of store.
 """
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +82,51 @@ def empty_stage_run(stage: str) -> dict[str, float]:
     }
 
 
-def child(workspace: Path, stage: str) -> dict[str, Any]:
-    """One fresh Python process running empty_stage_run in `workspace`, as DVC starts each stage."""
+def child(workspace: Path, stage: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """One fresh Python process running empty_stage_run in `workspace`, as DVC starts each stage.
+
+    Without `tracking_uri` the stage opens the workspace's sqlite store itself, as by default.
+    """
+    env = common.venv_env()
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     command = [sys.executable, "-m", "bench.tracking_overhead", "--child", str(workspace), "--stage", stage]
     done, seconds = common.timed(
-        subprocess.run, command, cwd=common.ROOT, env=common.venv_env(), capture_output=True, text=True, check=True
+        subprocess.run, command, cwd=common.ROOT, env=env, capture_output=True, text=True, check=True
     )
     return {**json.loads(done.stdout.splitlines()[-1]), "process_seconds": round(seconds, 3)}
+
+
+@contextmanager
+def tracking_server(store: Path, timeout: float = 120) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port over a sqlite store in `store`; yields its URI.
+
+    A client of a server loads only MLflow's REST store: SQLAlchemy, alembic and the schema check
+    stay in the server, started once instead of once per stage.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{store / 'server.db'}", "--default-artifact-root", str(store / "artifacts"),
+    ]
+    server = subprocess.Popen(command, env=common.venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"mlflow server did not come up on {uri}") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main() -> None:
@@ -104,6 +147,9 @@ def main() -> None:
         for name in ("params.yaml", "dvc.yaml"):
             shutil.copy(project / name, workspace / name)
         runs = {"fresh_store": child(workspace, args.stage), "existing_store": child(workspace, args.stage)}
+        with tracking_server(workspace / "server") as uri:
+            runs["server_first_run"] = child(workspace, args.stage, uri)
+            runs["server_next_run"] = child(workspace, args.stage, uri)
     common.write_result("tracking_overhead", {
         "project": str(project),
         "noop_dvc_repro": noop_repro(project, args.repeats),
