@@ -115,7 +115,6 @@ def configure(requested: str, *, mixed_precision: bool = False, xla: bool = Fals
     return info
 
 
-
 def configure_training(settings: TrainParams) -> DeviceInfo:
     """configure() from the train section: what every stage that trains or infers calls first."""
     return configure(settings.device, mixed_precision=settings.mixed_precision, xla=settings.xla)

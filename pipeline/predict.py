@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline import cli
 from pipeline.images import BadImage, load_array
 
-MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit, as preprocess uses by default
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, preprocess's default too
 
 
 def expand(targets: Iterable[str]) -> Iterator[Path]:

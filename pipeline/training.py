@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -21,13 +21,28 @@ from pipeline.params import Params, TrainParams
 from pipeline.tracking import StageRun
 
 
+@dataclass(frozen=True)
+class Examples:
+    """Inputs of any shape (cached features, say) and their labels: what `fit` trains on."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+Joined = TypeVar("Joined", Split, Examples)
+
+
+def joined(first: Joined, second: Joined) -> Joined:
+    """Two sets of examples as one: a train split and its augmented copies."""
+    return type(first)(np.concatenate([first.images, second.images]), np.concatenate([first.labels, second.labels]))
+
+
 def training_set(params: Params) -> Split:
     """The prepared train split, plus the augment stage's copies when train.use_augmented."""
     train = imageset.load_split(paths.PREPARED, "train", mmap=False)
     if not params.train.use_augmented:
         return train
-    extra = imageset.load_split(paths.AUGMENTED, "train", mmap=False)
-    return Split(np.concatenate([train.images, extra.images]), np.concatenate([train.labels, extra.labels]))
+    return joined(train, imageset.load_split(paths.AUGMENTED, "train", mmap=False))
 
 
 def validation_set() -> Split:
@@ -87,14 +102,6 @@ class EpochLogger(keras.callbacks.Callback):
         self.rows.append(row)
         # Prefixed: the model's final scores (best weights restored) use the plain names.
         self.run.log_active({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Inputs of any shape (cached features, say) and their labels: what `fit` trains on."""
-
-    images: np.ndarray
-    labels: np.ndarray
 
 
 @dataclass

@@ -212,9 +212,12 @@ def main() -> None:
             raise UserError("the test split is empty: raise preprocess.splits.test")
         found = saved.find(MODEL_DIRS)
         rows = []
+        keras_models: dict[str, saved.SavedModel] = {}  # by file: the champion is one of them
         with fsio.atomic_dir(paths.EVALUATION) as reports, fsio.atomic_dir(paths.PREDICTIONS) as predictions:
             for path in found:
                 model = saved.load(path)
+                if model.is_keras:
+                    keras_models[str(path)] = model
                 with run.nested(model.name, {"model": model.name, "file": str(path)}):
                     row = evaluate_model(model, test, classes, settings, reports, predictions, run)
                     run.log_active({k: v for k, v in row.items() if isinstance(v, (int, float))})
@@ -225,10 +228,10 @@ def main() -> None:
         fsio.write_json(paths.LEADERBOARD, board)
         with fsio.atomic_file(paths.LEADERBOARD_MD) as tmp:
             tmp.write_text(leaderboard_markdown(board, params.data.dataset, len(test.labels)))
-        keras_rows = [r for r in board if r["file"].endswith(".keras")]
+        keras_rows = [r for r in board if r["file"] in keras_models]
         if not keras_rows:
             raise UserError("no Keras model to crown: the champion must be a .keras file (predict loads it)")
-        champion = saved.load(Path(keras_rows[0]["file"]))
+        champion = keras_models[keras_rows[0]["file"]]
         crown(champion)
         version = register(champion, settings.registered_model, keras_rows[0], run)
         run.set_tags({"champion": champion.name, "champion.version": version})

@@ -30,10 +30,7 @@ def cached_features(params: Params) -> tuple[Examples, Examples]:
     def load(name: str) -> Examples:
         return Examples(np.load(paths.FEATURES / f"{name}_features.npy"), np.load(paths.FEATURES / f"{name}_labels.npy"))
 
-    train = load("train")
-    if params.train.use_augmented:
-        extra = load("augmented")
-        train = Examples(np.concatenate([train.images, extra.images]), np.concatenate([train.labels, extra.labels]))
+    train = training.joined(load("train"), load("augmented")) if params.train.use_augmented else load("train")
     return train, load("val")
 
 
@@ -58,7 +55,9 @@ def unfreeze_top(base: keras.Model, layers: int) -> int:
     return sum(int(np.prod(w.shape)) for w in base.trainable_weights)
 
 
-def fine_tune(model: keras.Model, base: keras.Model, train: Split, val: Split, params: Params, run: StageRun) -> Any:
+def fine_tune(
+    model: keras.Model, base: keras.Model, train: Split, val: Split, params: Params, run: StageRun
+) -> training.FitResult:
     settings = params.transfer
     freed = unfreeze_top(base, settings.fine_tune_layers)
     log.info("fine-tuning the top %d layers of %s (%d weights)", settings.fine_tune_layers, settings.backbone, freed)
