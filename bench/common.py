@@ -1,11 +1,13 @@
-"""What the benchmarks share: result files, timing, the child-process environment, an rps sample."""
+"""What the benchmarks share: result files, timing, the child-process environment, an rps sample on disk."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -16,14 +18,17 @@ import numpy as np
 
 from pipeline import fsio
 from pipeline.device import host_tags
+from pipeline import imageset
 from pipeline.imageset import Split
 from pipeline.params import SPLITS, Params, PreprocessParams, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# BENCH_RESULTS=DIR sends a smoke run's JSON elsewhere, leaving the recorded results alone.
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "results")
 SHARED = ROOT.parent / "shared"
 RPS = SHARED / "datasets" / "rps"
 XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
+MAKE_SCALE_SET = SHARED / "tools" / "make_scale_set.py"
 # Other work on the machine skews every number here: each result records the load before and after.
 LOAD_AT_START = os.getloadavg()
 
@@ -61,6 +66,7 @@ def venv_env() -> dict[str, str]:
 
 def write_result(name: str, result: Mapping[str, Any]) -> Path:
     """bench/results/<name>.json (atomic), with the host and a UTC timestamp; echoed to stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     record = {
         "benchmark": name,
@@ -75,20 +81,56 @@ def write_result(name: str, result: Mapping[str, Any]) -> Path:
     return path
 
 
+def scale_photos(scratch: Path, count: int, side: int, classes: int) -> Path:
+    """<scratch>/photos-<count>-<side>px-<classes>c from ../shared's make_scale_set.py, generated once
+    (into a .partial folder renamed when complete, so an interrupted run starts that set over)."""
+    folder = scratch / f"photos-{count}-{side}px-{classes}c"
+    if folder.is_dir():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"generating {count} photos at {side} px in {folder} (~{count / 300:.0f} s)", file=sys.stderr, flush=True)
+    subprocess.run(
+        [sys.executable, str(MAKE_SCALE_SET), str(partial), "--images", str(count), "--side", str(side),
+         "--classes", str(classes)], check=True, stdout=sys.stderr,
+    )
+    partial.rename(folder)
+    return folder
+
+
+def raw_tar(source: Path, tar: Path) -> Path:
+    """A class-per-folder directory packed as the download stage packs data/raw.tar, with its listing
+    (data/raw.json's `files`: path, bytes, sha256, offset) beside it: what preprocess's `prepare` reads."""
+    from pipeline.stages.download import RawTar, pack_directory
+
+    writer = RawTar(tar)
+    try:
+        pack_directory(source, writer)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        tar.unlink(missing_ok=True)
+        raise
+    fsio.write_json(tar.with_suffix(".json"), {"files": files})
+    return tar
+
+
 def rps_sample(
-    data: Path, settings: PreprocessParams, counts: Mapping[str, int], seed: int
+    data: Path, settings: PreprocessParams, counts: Mapping[str, int], seed: int, out: Path
 ) -> tuple[list[str], dict[str, Split]]:
-    """Class-stratified samples of `counts[split]` images, decoded as preprocess decodes them.
+    """Class-stratified samples of `counts[split]` images, decoded as preprocess decodes them and
+    written as image-set splits in `out` (a scratch directory), as the stages read them.
 
     Split by shot first (preprocess's own assign_splits): burst frames of one shot in both train and
-    val would make val accuracy meaningless. Only the sampled files are decoded.
+    val would make val accuracy meaningless. Only the sampled files are decoded, one at a time.
     """
     # Here, not at the top: tracking_overhead's child imports this module and times `import mlflow`
     # as a stage sees it, without scikit-learn/scipy already loaded.
     from sklearn.model_selection import train_test_split
 
     from pipeline.images import load_array
-    from pipeline.stages.preprocess import assign_splits, group_of, list_files
+    from pipeline.splitting import assign_splits, group_of
+    from pipeline.stages.preprocess import list_files
 
     files = list_files(data)
     classes = sorted({label for _, label in files})
@@ -97,15 +139,24 @@ def rps_sample(
     groups = [group_of(path, pattern) for path, _ in files]
     total = sum(counts.values())
     split_of = assign_splits(labels, groups, {s: counts.get(s, 0) / total for s in SPLITS}, seed, classes)
+    size = settings.image_size
     sample: dict[str, Split] = {}
     for name, count in counts.items():
         pool = np.flatnonzero(split_of == SPLITS.index(name))
         if count < len(pool):
             pool = np.sort(train_test_split(pool, train_size=count, stratify=labels[pool], random_state=seed)[0])
-        images = np.stack([
-            load_array(data / files[i][0], size=settings.image_size, resize=settings.resize,
-                       max_pixels=settings.max_pixels, min_size=settings.min_size)
-            for i in pool
-        ])
-        sample[name] = Split(images, labels[pool].astype(np.int32))
+        with imageset.SplitWriter(out, name, (size, size, 3), np.uint8) as writer:
+            for row, i in enumerate(pool):
+                image = load_array(data / files[i][0], size=size, resize=settings.resize,
+                                   max_pixels=settings.max_pixels, min_size=settings.min_size)
+                writer.write(image[None], labels[i : i + 1], np.array([row]))
+        sample[name] = imageset.load_split(out, name)
     return classes, sample
+
+
+def in_memory(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """(examples, labels) of a whole split as numpy arrays: for the arms that fit or predict in memory."""
+    if split.count == 0:
+        return np.empty((0, *split.shape), split.dtype), np.empty(0, np.int32)
+    records = np.concatenate(list(split.batches(4096)))
+    return records["x"], records["label"].astype(np.int32)

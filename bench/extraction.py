@@ -1,13 +1,14 @@
 """Feature extraction as the features stage runs it vs a bare `base.predict` on ready float32 arrays.
 
-The wrapped path takes uint8 images of the prepared size and does resize, cast, preprocess_input and
-pooling inside the model; the bare path gets arrays already resized and preprocessed (done before the
+The wrapped path streams uint8 images of the prepared size from a split's shards, does resize, cast,
+preprocess_input and pooling inside the model and writes the features as a split; the bare path gets arrays already resized and preprocessed (done before the
 clock starts). Throughput is also set against this CPU's FMA peak.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,39 +34,55 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per path, interleaved; the fastest counts")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-extraction-") as tmp:
+        run(args, Path(tmp))
 
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
     params = common.params()
     settings = params.preprocess.model_copy(update={"image_size": args.prepared_size})
-    _, sample = common.rps_sample(args.data, settings, {"train": args.images}, params.seed)
-    images = sample["train"].images
+    _, sample = common.rps_sample(args.data, settings, {"train": args.images}, params.seed, scratch)
+    split = sample["train"]
+    images = common.in_memory(split)[0]
 
     import keras
 
+    from pipeline import imageset
     from pipeline.models import backbones
-    from pipeline.stages.features import extract
 
     batch = params.train.batch_size
     base = backbones.base_model("xception", args.size, args.weights)
     extractor = backbones.feature_extractor(base, "xception", args.size)
+    feature_size = int(extractor.output.shape[-1])
     ready = keras.applications.xception.preprocess_input(
         np.array(keras.layers.Resizing(args.size, args.size)(images.astype(np.float32)))  # writable: preprocess_input works in place
     )
+    with imageset.SplitWriter(scratch, "warmup", split.shape, split.dtype) as writer:
+        first = images[: batch + 1]
+        writer.write(first, split.labels[: len(first)], np.arange(len(first)))
+    warmup = imageset.load_split(scratch, "warmup")
+
+    def wrapped(source: imageset.Split) -> None:
+        """As the features stage runs: the split streamed from its shards, features written as a split."""
+        with imageset.SplitWriter(scratch, "features", (feature_size,), np.float32) as writer:
+            backbones.extract_features(extractor, source, batch, writer)
 
     def bare(x: np.ndarray) -> np.ndarray:
         return base.predict(x, batch_size=batch, verbose=0)
 
     # Warm-up: traces a full and a partial batch, so no timed pass pays for tracing.
-    extract(extractor, images[: batch + 1], batch)
+    wrapped(warmup)
     bare(ready[: batch + 1])
     wrapped_seconds, bare_seconds = [], []
     for _ in range(args.repeats):
-        features, seconds = common.timed(extract, extractor, images, batch)
+        _, seconds = common.timed(wrapped, split)
         wrapped_seconds.append(seconds)
         maps, seconds = common.timed(bare, ready)
         bare_seconds.append(seconds)
 
-    wrapped, plain = common.spread(wrapped_seconds), common.spread(bare_seconds)
-    overhead = wrapped["min_seconds"] / plain["min_seconds"] - 1
+    features = common.in_memory(imageset.load_split(scratch, "features"))[0]
+    wrapped_spread, plain = common.spread(wrapped_seconds), common.spread(bare_seconds)
+    overhead = wrapped_spread["min_seconds"] / plain["min_seconds"] - 1
     mhz = cpu_mhz()
     cores = os.cpu_count() or 1
     peak_gflops = cores * FLOPS_PER_CYCLE_PER_CORE * mhz / 1000
@@ -84,7 +101,7 @@ def main() -> None:
             "backbone": "xception", "prepared_size": args.prepared_size, "size": args.size,
             "images": len(images), "batch_size": batch, "repeats": args.repeats,
         },
-        "wrapped": {**wrapped, **throughput(wrapped["min_seconds"])},
+        "wrapped": {**wrapped_spread, **throughput(wrapped_spread["min_seconds"])},
         "bare": {**plain, **throughput(plain["min_seconds"])},
         # Both paths compute the same features: pooling the bare maps must give the extractor's output.
         "max_abs_feature_difference": float(np.abs(maps.mean(axis=(1, 2)) - features).max()),

@@ -1,17 +1,22 @@
-"""Getting bytes from elsewhere: resumable, verified HTTP downloads and safe archive extraction."""
+"""Getting bytes from elsewhere: resumable, verified HTTP downloads, safe archive reading and extraction."""
 from __future__ import annotations
 
 import hashlib
 import http.client
 import logging
 import os
+import posixpath
+import stat
 import tarfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -21,6 +26,10 @@ from pipeline.params import parse_checksum
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _CHUNK = 1 << 20
+
+
+# What a damaged archive raises, from the container or the compression under it.
+_BROKEN = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 class DownloadError(UserError):
@@ -117,22 +126,107 @@ def is_archive(path: str | Path) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def extract(archive: Path, dest: Path) -> None:
-    """Unpack a zip or tar archive into `dest`, refusing members that would land outside it."""
-    dest = dest.resolve()
+def _inside(name: str, folder: str | None) -> bool:
+    """Whether archive member `name` is `folder` or lies under it (any member when folder is None)."""
+    if not folder:
+        return True
+    name = name.removeprefix("./").rstrip("/")
+    return name == folder or name.startswith(folder + "/")
+
+
+@dataclass
+class Member:
+    """One entry of an archive's folder: `name` is relative to it, '/'-separated, normalised.
+
+    A folder has `size` and `stream` None. A file's `stream` reads its bytes; it is valid only until
+    the next member is taken, and a damaged archive makes its read() raise a UserError naming the archive.
+    """
+
+    name: str
+    size: int | None = None
+    stream: BinaryIO | None = None
+
+
+class _Guarded:
+    """A member's reader whose archive errors (bad CRC, truncation, bad deflate data) are UserErrors."""
+
+    def __init__(self, raw: BinaryIO, archive: Path, name: str) -> None:
+        self._raw, self._archive, self._name = raw, archive, name
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._raw.read(size)
+        except _BROKEN as exc:
+            raise UserError(f"{self._archive}: broken archive, member {self._name!r} ({exc})") from None
+
+
+def _relative(archive: Path, raw_name: str, only: str | None) -> str | None:
+    """`raw_name` relative to folder `only` ('' for the folder itself), None when outside it.
+
+    Refuses an absolute name or one whose '..' parts climb out of the archive's root.
+    """
+    name = raw_name.removeprefix("./")
+    if not _inside(name, only):
+        return None
+    normal = posixpath.normpath(name.rstrip("/") or ".")
+    if name.startswith("/") or normal == ".." or normal.startswith("../"):
+        raise UserError(f"{archive}: member {raw_name!r} would be written outside the target")
+    normal = "" if normal == "." else normal
+    if only and not (normal == only or normal.startswith(only + "/")):
+        return None  # 'only/../elsewhere': lands outside the folder
+    return normal[len(only) + 1 :] if only else normal
+
+
+def _refuse(archive: Path, name: str, kind: str) -> UserError:
+    return UserError(f"{archive}: member {name!r} is a {kind}: refused (only plain files and folders are read)")
+
+
+def _tar_members(archive: Path, only: str | None) -> Iterator[Member]:
+    with tarfile.open(archive, "r|*") as bundle:  # a stream: read once, front to back, nothing unpacked
+        for info in bundle:
+            name = _relative(archive, info.name, only)
+            if name is None:
+                continue
+            if info.isdir():
+                yield Member(name)
+            elif info.isreg():
+                yield Member(name, info.size, _Guarded(bundle.extractfile(info), archive, info.name))
+            else:
+                raise _refuse(archive, info.name, "link" if info.issym() or info.islnk() else "device or pipe")
+
+
+def _zip_members(archive: Path, only: str | None) -> Iterator[Member]:
+    with zipfile.ZipFile(archive) as bundle:
+        for info in bundle.infolist():
+            name = _relative(archive, info.filename, only)
+            if name is None:
+                continue
+            kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type; 0 where the zip does not say
+            if info.is_dir():
+                yield Member(name)
+            elif kind == stat.S_IFLNK:
+                raise _refuse(archive, info.filename, "link")
+            elif kind not in (0, stat.S_IFREG):
+                raise _refuse(archive, info.filename, "device or pipe")
+            else:
+                with bundle.open(info) as stream:
+                    yield Member(name, info.file_size, _Guarded(stream, archive, info.filename))
+
+
+def members(archive: Path, only: str | None = None) -> Iterator[Member]:
+    """The folders and files of a zip or tar archive (only those under folder `only`), read in place.
+
+    Nothing is unpacked to disk: each file is read from the archive as it is reached. Refused: absolute
+    names, '..' out of the root, links, devices and pipes.
+    """
+    only = only.strip("/") if only else None
     try:
         # tar first: is_zipfile() also accepts a plain tar whose last member happens to be a zip.
         if tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as bundle:
-                bundle.extractall(dest, filter="data")  # rejects absolute paths, '..', device files
+            yield from _tar_members(archive, only)
         elif zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as bundle:
-                for member in bundle.namelist():
-                    if not (dest / member).resolve().is_relative_to(dest):
-                        raise UserError(f"{archive}: member {member!r} would be written outside the target")
-                bundle.extractall(dest)
+            yield from _zip_members(archive, only)
         else:
             raise UserError(f"{archive}: not a zip or tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except _BROKEN as exc:
         raise UserError(f"{archive}: broken archive ({exc})") from None
-

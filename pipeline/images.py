@@ -1,17 +1,22 @@
 """Decode one untrusted image file into an RGB uint8 array, or say exactly why it cannot be used.
 
-Shared by preprocess (whole datasets) and predict (user files), so both see images the same way.
+Shared by preprocess (members of data/raw.tar, as bytes) and predict (user files, as paths), so both see
+images the same way.
 """
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ResizeMode = Literal["stretch", "pad", "center_crop"]
+# A file's path, its whole content, or a seekable binary stream holding just the file (read from its start).
+ImageSource = Path | str | bytes | bytearray | memoryview | BinaryIO
 _WHITE = (255, 255, 255)
 
 
@@ -44,19 +49,32 @@ def fit(image: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
     return ImageOps.fit(image, target, Image.Resampling.BILINEAR)
 
 
-def load_rgb(path: Path, *, max_pixels: int, min_size: int = 1, draft: int | None = None) -> Image.Image:
-    """Open, check and decode `path` to an upright RGB image; raise BadImage with the reason.
+def _opened(source: ImageSource) -> tuple[Path | BinaryIO, int]:
+    """What Image.open takes, and the file's size. A missing path raises OSError, not BadImage."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source), memoryview(source).nbytes
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return path, path.stat().st_size
+    size = source.seek(0, io.SEEK_END)
+    source.seek(0)  # Image.open reads a stream from its start anyway
+    return source, size
+
+
+def load_rgb(source: ImageSource, *, max_pixels: int, min_size: int = 1, draft: int | None = None) -> Image.Image:
+    """Open, check and decode `source` (a path, bytes or a file object) to an upright RGB image;
+    raise BadImage with the reason.
 
     `draft` lets Pillow's JPEG decoder scale by 1/2..1/8 while decoding, as long as both sides
     stay >= draft: several times faster when the target is much smaller than the photo.
     """
-    path = Path(path)
-    if path.stat().st_size == 0:
+    opened, size = _opened(source)
+    if size == 0:
         raise BadImage("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 width, height = image.size  # from the header: nothing decoded yet
                 if width * height > max_pixels:
                     raise BadImage(
@@ -82,8 +100,8 @@ def load_rgb(path: Path, *, max_pixels: int, min_size: int = 1, draft: int | Non
 
 
 def load_array(
-    path: Path, *, size: int, resize: ResizeMode, max_pixels: int, min_size: int = 1
+    source: ImageSource, *, size: int, resize: ResizeMode, max_pixels: int, min_size: int = 1
 ) -> np.ndarray:
-    """`path` as a uint8 (size, size, 3) array, ready for a model."""
-    image = load_rgb(path, max_pixels=max_pixels, min_size=min_size, draft=size)
+    """`source` (a path, bytes or a file object) as a uint8 (size, size, 3) array, ready for a model."""
+    image = load_rgb(source, max_pixels=max_pixels, min_size=min_size, draft=size)
     return np.asarray(fit(image, size, resize), dtype=np.uint8)

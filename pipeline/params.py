@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.errors import UserError
 
@@ -28,11 +37,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetSpec(Section):
-    source: str = Field(min_length=1, description="directory, archive path/URL, sklearn:digits or tfds:NAME")
+def _relative_subdir(value: str | None) -> str | None:
+    """A folder inside an archive: relative, '/'-separated, no '..'; trailing '/' dropped."""
+    if value is None:
+        return None
+    parts = value.strip("/").split("/") if not value.startswith("/") else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in value:
+        raise ValueError(f"must be a relative folder inside the archive, such as 'name-1.0/train'; got {value!r}")
+    return "/".join(parts)
+
+
+class ArchiveSettings(Section):
+    """How to read an archive: its checksum and the class-per-folder folder inside it."""
+
     checksum: str | None = Field(None, description="sha256 hex, or 'sha256:HEX' / 'md5:HEX', of an archive")
     subdir: str | None = Field(None, description="class-per-folder directory inside the archive")
-    mirrors: list[str] = Field(default_factory=list, description="local paths tried before the source")
 
     @field_validator("checksum")
     @classmethod
@@ -40,6 +59,66 @@ class DatasetSpec(Section):
         if value is not None:
             parse_checksum(value)
         return value
+
+    @field_validator("subdir")
+    @classmethod
+    def _subdir_form(cls, value: str | None) -> str | None:
+        return _relative_subdir(value)
+
+
+class MirrorSpec(ArchiveSettings):
+    """A local copy of a dataset, tried before its source: a directory or an archive.
+
+    In params.yaml a mirror is a path string, or a mapping {path, checksum, subdir} for an archive
+    packed differently from the origin. A key the mapping leaves out is the dataset's own (a plain
+    string leaves out both: the mirror is a byte-identical copy of the origin); null means none.
+    """
+
+    path: str = Field(min_length=1, description="local directory or .zip/.tar/.tar.gz, relative to the project")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"path": value}
+        if not isinstance(value, (dict, MirrorSpec)):
+            raise ValueError(f"a mirror is a path or a mapping {{path, checksum, subdir}}; got {value!r}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Dump as written (a string stays a string; keys left out stay out), so a dump re-validates alike."""
+        dumped = handler(self)
+        if self.model_fields_set == {"path"}:
+            return dumped["path"]
+        return {key: value for key, value in dumped.items() if key in self.model_fields_set}
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if "://" in value or value.startswith(("sklearn:", "tfds:")):
+            raise ValueError(f"a mirror is a local directory or archive path (put URLs in source); got {value!r}")
+        return value
+
+    def own(self, key: str) -> bool:
+        """Whether this mirror gives `key` (checksum, subdir) itself rather than taking the dataset's."""
+        return key in self.model_fields_set
+
+
+class DatasetSpec(ArchiveSettings):
+    source: str = Field(min_length=1, description="directory, archive path/URL, sklearn:digits or tfds:NAME")
+    mirrors: list[MirrorSpec] = Field(
+        default_factory=list, description="local copies tried before the source: a path, or {path, checksum, subdir}"
+    )
+
+    def archive_settings(self, mirror: MirrorSpec | None = None) -> tuple[str | None, str | None]:
+        """(checksum, subdir) that apply to the source, or to `mirror`: its own where it gives them."""
+        if mirror is None:
+            return self.checksum, self.subdir
+        return (
+            mirror.checksum if mirror.own("checksum") else self.checksum,
+            mirror.subdir if mirror.own("subdir") else self.subdir,
+        )
 
 
 class DataParams(Section):
@@ -116,7 +195,18 @@ class TrainParams(Section):
     reduce_lr_patience: int = Field(ge=0, description="0 = off")
     reduce_lr_factor: float = Field(gt=0, lt=1)
     use_augmented: bool = Field(description="add the augment stage's copies to the train split")
-    augment_on_the_fly: bool = Field(description="random augmentation layers inside the model while training")
+    augment_on_the_fly: bool = Field(description="random augmentation in the training stream (tf.data, CPU)")
+    on_the_fly_copies: int = Field(
+        ge=1, le=100, description="with augment_on_the_fly: times each train image is streamed per epoch"
+    )
+
+    @model_validator(mode="after")
+    def _copies_need_augmentation(self) -> TrainParams:
+        if self.on_the_fly_copies > 1 and not self.augment_on_the_fly:
+            raise ValueError(
+                "train.on_the_fly_copies > 1 repeats identical images unless train.augment_on_the_fly is true"
+            )
+        return self
 
 
 class BaselinesParams(Section):
@@ -135,6 +225,30 @@ class BaselinesParams(Section):
         return value
 
 
+class SearchSpace(Section):
+    """The cnn3v2 family's hyperparameters: choices, and a log-uniform learning-rate range."""
+
+    filters: list[int] = Field(min_length=1, description="first block's filters; the next two double it")
+    kernel_size: list[int] = Field(min_length=1)
+    dropout: list[bool] = Field(min_length=1, description="dropout 0.5 after the dense layer")
+    dense_units: list[int] = Field(min_length=1)
+    learning_rate: tuple[float, float] = Field(description="[low, high], sampled log-uniformly")
+
+    @field_validator("filters", "kernel_size", "dense_units")
+    @classmethod
+    def _positive_unique(cls, value: list[int]) -> list[int]:
+        if min(value) < 1 or len(set(value)) != len(value):
+            raise ValueError(f"needs distinct positive values; got {value}")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] < value[1]:
+            raise ValueError(f"needs 0 < low < high; got {list(value)}")
+        return value
+
+
 class TuneParams(Section):
     algorithm: Literal["random", "hyperband", "bayesian"]
     max_trials: int = Field(ge=1)
@@ -142,6 +256,7 @@ class TuneParams(Section):
     subset: float = Field(gt=0, le=1, description="fraction of the train split used while searching")
     image_size: int = Field(ge=16, le=1024, description="side the searched models resize their input to")
     final_epochs: int = Field(ge=1, description="epochs when the best hyperparameters are retrained")
+    space: SearchSpace
 
 
 class TransferParams(Section):

@@ -7,8 +7,8 @@ PARAMS = Path("params.yaml")
 DVC_YAML = Path("dvc.yaml")
 
 DATA = Path("data")
-RAW = DATA / "raw"                      # download: class-per-folder files
-RAW_MANIFEST = DATA / "raw.json"        # download: files, sha256, class counts, who served them
+RAW = DATA / "raw.tar"                  # download: one uncompressed tar, members <class>/<file>
+RAW_MANIFEST = DATA / "raw.json"        # download: members (bytes, sha256, offset), class counts, who served them
 WEIGHTS = DATA / "weights"              # download: backbone weights + weights.json
 DOWNLOADS = DATA / ".downloads"         # not a DVC output: partial downloads survive for resuming
 PREPARED = DATA / "prepared"            # preprocess: one image set (see imageset.py)

@@ -114,7 +114,7 @@ class StageRun:
         finally:
             self.tracking_seconds += time.perf_counter() - start
 
-    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+    def record(self, metrics: Mapping[str, Any]) -> None:
         """The stage's own results: kept for metrics/<stage>.json and logged to MLflow at the end."""
         self.metrics.update(metrics)
 
@@ -130,7 +130,7 @@ class StageRun:
         with self.timed():
             mlflow.set_tags(dict(tags))
 
-    def log_active(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_now(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Straight to whichever run is active (a nested one): per-epoch curves, a model's scores."""
         import mlflow
 

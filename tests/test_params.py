@@ -25,7 +25,7 @@ def error_for(raw, change) -> str:
 
 def test_repository_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params.data.spec.mirrors == ["../shared/datasets/rps"]
+    assert [m.path for m in params.data.spec.mirrors] == ["../shared/datasets/rps"]
     assert abs(sum(params.preprocess.splits.as_dict().values()) - 1) < 1e-9
 
 
@@ -36,7 +36,7 @@ def test_repository_params_are_valid():
         (lambda r: r["preprocess"].update(imagesize=64), "preprocess.imagesize: unknown key; allowed here: image_size"),
         (lambda r: r.update(sede=1), "sede: unknown key; allowed here: seed, data"),
         (lambda r: r["data"]["datasets"]["rps"].update(mirror=[]), "data.datasets.rps.mirror: unknown key"),
-        (lambda r: r["data"].update(dataset="mnist"), "data.dataset must be one of rps, cats_vs_dogs, dog_breeds, digits; got 'mnist'"),
+        (lambda r: r["data"].update(dataset="mnist"), "data.dataset must be one of rps, cats_vs_dogs, dog_breeds, digits, cifar10; got 'mnist'"),
         (lambda r: r["preprocess"]["splits"].update(val=0.5), "preprocess.splits must add up to 1; got 1.35"),
         (lambda r: r["preprocess"].update(group_pattern="(["), "preprocess.group_pattern: not a valid regular expression"),
         (lambda r: r["preprocess"].update(group_pattern="shot"), "preprocess.group_pattern: needs one capture group"),

@@ -1,20 +1,37 @@
-"""preprocess on real files: nothing lost, nothing crashes, shots never straddle splits."""
+"""preprocess on real files, read from the download stage's tar: nothing lost, nothing crashes, shots never
+straddle splits, a damaged tar never passes as a shorter dataset."""
 import os
 import re
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline import imageset
+from pipeline import fsio, imageset
 from pipeline.errors import UserError
-from pipeline.stages.preprocess import POOL_MIN_FILES, assign_splits, auto_workers, group_of, prepare
+from pipeline.images import load_array
+from pipeline.params import DatasetSpec
+from pipeline.stages import preprocess
+from pipeline.stages.download import materialise
+from pipeline.splitting import assign_splits, group_of
+from pipeline.stages.preprocess import POOL_MIN_FILES, auto_workers, list_members, prepare
 
 from .conftest import make_dataset, write_image
 
 
 def settings(params, **changes):
     return params.preprocess.model_copy(update={"image_size": 32, "workers": 1, **changes})
+
+
+def packed(folder: Path, where: Path | None = None) -> Path:
+    """`folder` as the download stage leaves it: <where>/raw.tar and its listing raw.json beside it."""
+    where = where or folder.parent
+    tar = where / "raw.tar"
+    listing = materialise(DatasetSpec(source=str(folder)), tar, where / "downloads", where)
+    fsio.write_json(tar.with_suffix(".json"), listing)
+    return tar
 
 
 def by_path(out):
@@ -35,7 +52,7 @@ def test_every_file_ends_in_a_split_or_quarantine(tmp_path, params):
     write_image(raw / "class2" / "gray.png", mode="L")  # odd but good
     out = tmp_path / "prepared"
     out.mkdir()
-    metrics, quarantined = prepare(raw, out, settings(params), seed=0)
+    metrics, quarantined = prepare(packed(raw), out, settings(params), seed=0)
 
     assert metrics["images_in"] == 3 * 4 * 2 + len(bad) + 2
     assert metrics["images_in"] == metrics["images_out"] + metrics["quarantined"] + metrics["dropped_images"]
@@ -53,37 +70,40 @@ def test_every_file_ends_in_a_split_or_quarantine(tmp_path, params):
     total = 0
     for name in ("train", "val", "test"):
         split = imageset.load_split(out, name)
-        assert split.images.shape[1:] == (32, 32, 3) and split.images.dtype == np.uint8
-        assert metrics["split"][name]["images"] == len(split.labels)
-        total += len(split.labels)
+        assert split.shape == (32, 32, 3) and split.dtype == np.uint8
+        assert metrics["split"][name]["images"] == split.count
+        total += split.count
     assert total == metrics["images_out"] == len(good)
-    assert not (out / "_decoded.npy").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("train", "val", "test"))) == [
+        "classes.json", "manifest.json"
+    ]  # no scratch file left behind
 
 
 def test_rows_hold_the_right_pixels(tmp_path, params):
-    raw = make_dataset(tmp_path / "raw", classes=2, shots=3, frames=1)
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=8, frames=1)
     out = tmp_path / "prepared"
     out.mkdir()
-    prepare(raw, out, settings(params, resize="stretch"), seed=0)
-    entries = [e for e in imageset.load_manifest(out)["files"] if e["split"] == "test"]
-    test = imageset.load_split(out, "test")
-    for row, entry in enumerate(entries):  # manifest order is the row order within a split
-        from pipeline.images import load_array
-
+    prepare(packed(raw), out, settings(params, resize="stretch"), seed=0)
+    entries = [e for e in imageset.load_manifest(out)["files"] if e["split"] == "train"]
+    train = imageset.load_split(out, "train")
+    assert sorted(e["row"] for e in entries) == list(range(train.count))
+    assert [e["row"] for e in entries] != sorted(e["row"] for e in entries)  # written shuffled, not in file order
+    stored = np.concatenate([batch["x"] for batch in train.batches(4)])
+    for entry in entries:  # decoded from the tar as from the original file
         expected = load_array(raw / entry["path"], size=32, resize="stretch", max_pixels=10**8)
-        np.testing.assert_array_equal(test.images[row], expected)
-        assert imageset.load_classes(out)[test.labels[row]] == entry["class"]
+        np.testing.assert_array_equal(stored[entry["row"]], expected)
+        assert imageset.load_classes(out)[train.labels[entry["row"]]] == entry["class"]
 
 
 def test_two_workers_give_the_same_bytes(tmp_path, params):
-    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=3)
+    raw = packed(make_dataset(tmp_path / "raw", classes=2, shots=4, frames=3))
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
         out.mkdir()
         prepare(raw, out, settings(params, workers=workers), seed=3)
         outputs.append(out)
-    for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "test_labels.npy"):
+    for name in ("train-00000.rec", "train_rows.npy", "val-00000.rec", "test_rows.npy", "manifest.json"):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes()
 
 
@@ -106,7 +126,8 @@ def shots_in_splits(out):
 def test_shared_rps_split_keeps_every_shot_in_one_split(tmp_path, params, shared_rps):
     out = tmp_path / "prepared"
     out.mkdir()
-    metrics, quarantined = prepare(shared_rps, out, settings(params, workers=2), seed=42)
+    raw = packed(shared_rps, tmp_path)
+    metrics, quarantined = prepare(raw, out, settings(params, workers=2), seed=42)
     assert quarantined == [] and metrics["images_in"] == 1307
     seen = shots_in_splits(out)
     assert all(len(splits) == 1 for splits in seen.values())
@@ -120,7 +141,7 @@ def test_shared_rps_split_keeps_every_shot_in_one_split(tmp_path, params, shared
     # The random frame split (no grouping) scatters the frames of most shots over several splits.
     random_out = tmp_path / "random"
     random_out.mkdir()
-    prepare(shared_rps, random_out, settings(params, workers=2, group_pattern=None), seed=42)
+    prepare(raw, random_out, settings(params, workers=2, group_pattern=None), seed=42)
     leaked = sum(len(splits) > 1 for splits in shots_in_splits(random_out).values())
     assert leaked > len(seen) / 2
 
@@ -144,10 +165,10 @@ def test_class_with_too_few_shots_is_a_clear_error(tmp_path, params):
     out = tmp_path / "prepared"
     out.mkdir()
     with pytest.raises(UserError, match=r"class 'class1' has 6 images in 2 group\(s\).*min_per_class=7"):
-        prepare(raw, out, settings(params), seed=0)
+        prepare(packed(raw), out, settings(params), seed=0)
     make_dataset(raw.parent / "more", classes=1, shots=3, frames=3)
     shutil.copytree(raw.parent / "more" / "class0", raw / "class2")
-    metrics, _ = prepare(raw, out, settings(params, min_per_class=7), seed=0)  # class1 dropped
+    metrics, _ = prepare(packed(raw), out, settings(params, min_per_class=7), seed=0)  # class1 dropped
     assert metrics["dropped_classes"] == 1 and metrics["dropped_images"] == 6
     assert imageset.load_classes(out) == ["class0", "class2"]
     assert metrics["images_in"] == metrics["images_out"] + metrics["dropped_images"]
@@ -156,3 +177,101 @@ def test_class_with_too_few_shots_is_a_clear_error(tmp_path, params):
 def test_auto_workers_use_a_pool_only_where_it_pays():
     assert auto_workers(POOL_MIN_FILES - 1) == 1
     assert auto_workers(POOL_MIN_FILES) == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("twin", ["Class0", "class0 "])
+def test_class_names_differing_only_by_case_or_whitespace_are_an_error(tmp_path, params, twin):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=3, frames=1)
+    shutil.copytree(raw / "class0", raw / twin)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with pytest.raises(UserError, match="differ only by case or whitespace") as error:
+        prepare(packed(raw), out, settings(params), seed=0)
+    assert "'class0'" in str(error.value) and repr(twin) in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the tar: members decoded in place, damage named, never a silently shorter dataset
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_member_decodes_as_its_original_file(tmp_path):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=2, frames=2, size=(300, 200))
+    write_image(raw / "class0" / "gray.png", mode="L")
+    tar = packed(raw)
+    members = list_members(tar)
+    assert [m[0] for m in members] == sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file())
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        for path, label, offset, size in members:
+            data = preprocess.read_member(fd, offset, size)
+            assert data == (raw / path).read_bytes() and label == path.split("/")[0]
+            np.testing.assert_array_equal(
+                load_array(data, size=64, resize="center_crop", max_pixels=10**8),
+                load_array(raw / path, size=64, resize="center_crop", max_pixels=10**8),
+            )
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cut", ["inside the last member", "before the last member's header", "end marker only"])
+def test_a_truncated_tar_is_an_error_naming_the_member(tmp_path, params, cut):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=1)
+    tar = packed(raw)
+    last = fsio.read_json(tar.with_suffix(".json"))["files"][-1]
+    keep = {
+        "inside the last member": last["offset"] + last["bytes"] // 2,
+        "before the last member's header": last["offset"] - 512,  # tarfile itself would list one member less
+        "end marker only": last["offset"] + last["bytes"],
+    }[cut]
+    with open(tar, "r+b") as stream:
+        stream.truncate(keep)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    if cut == "end marker only":  # every member whole: nothing is lost, so nothing to refuse
+        metrics, _ = prepare(tar, out, settings(params), seed=0)
+        assert metrics["images_in"] == 8
+        return
+    with pytest.raises(UserError) as error:
+        prepare(tar, out, settings(params), seed=0)
+    message = str(error.value)
+    assert f"{tar} is cut short" in message and repr(last["path"]) in message and "dvc checkout" in message
+
+
+def test_a_member_read_short_is_quarantined_not_lost(tmp_path, params):
+    """Should the tar shrink under a running decode, the member is quarantined by name, not skipped."""
+    raw = make_dataset(tmp_path / "raw", classes=1, shots=2, frames=1)
+    tar = packed(raw)
+    [first, second] = fsio.read_json(tar.with_suffix(".json"))["files"]
+    with tempfile.TemporaryFile() as into:
+        reasons = preprocess.decode_all(
+            tar, [(first["offset"], first["bytes"]), (second["offset"], tar.stat().st_size)], settings(params), into, 1
+        )
+    assert reasons[0] is None
+    assert reasons[1].startswith("truncated: the tar holds") and f"of this member's {tar.stat().st_size} bytes" in reasons[1]
+
+
+def test_a_cut_image_inside_the_tar_is_quarantined_by_name(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=1)
+    (raw / "class1" / "cut.jpg").write_bytes((raw / "class1" / "shot0.jpg").read_bytes()[:300])
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, quarantined = prepare(packed(raw), out, settings(params), seed=0)
+    assert [q["path"] for q in quarantined] == ["class1/cut.jpg"]
+    assert quarantined[0]["reason"].startswith("truncated")
+    assert metrics["images_in"] == 9 and metrics["images_out"] == 8
+
+
+def test_a_listing_without_offsets_asks_for_a_new_download(tmp_path, params):
+    tar = packed(make_dataset(tmp_path / "raw", classes=2, shots=3, frames=1))
+    listing = fsio.read_json(tar.with_suffix(".json"))
+    for entry in listing["files"]:
+        del entry["offset"]
+    fsio.write_json(tar.with_suffix(".json"), listing)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with pytest.raises(UserError, match="does not list the tar's members with offsets.*run the download stage again"):
+        prepare(tar, out, settings(params), seed=0)
+    tar.with_suffix(".json").unlink()
+    with pytest.raises(UserError, match="missing: run the download stage first"):
+        prepare(tar, out, settings(params), seed=0)

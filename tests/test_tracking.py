@@ -26,7 +26,7 @@ def finished_runs(workspace, params):
 def test_a_stage_run_is_tracked_and_mirrored_to_dvc_metrics(workspace, params):
     with tracking.stage_run("preprocess", params, device.cpu_only()) as run:
         run.images = 50
-        run.log_metrics({"quarantined": 2, "split": {"train": {"images": 40}}})
+        run.record({"quarantined": 2, "split": {"train": {"images": 40}}})
     [found] = finished_runs(workspace, params)
     assert found.info.status == "FINISHED" and found.info.run_name == "preprocess"
     tags = found.data.tags

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from pipeline import device, tracking, training
-from pipeline.imageset import Split
 from pipeline.models import backbones, saved
 from pipeline.stages import transfer
 
-from .conftest import REPO
+from .conftest import REPO, split_on_disk
 
 
 @pytest.fixture
@@ -31,7 +30,7 @@ def images(count=6, seed=0):
 def test_export_matches_head_on_cached_features_and_reloads_safely(base, settings, params, tmp_path):
     raw = images()
     features = backbones.feature_extractor(base, settings.backbone, settings.image_size).predict(raw, verbose=0)
-    head = transfer.build_head(features.shape[1], 3, settings.dropout)
+    head = backbones.build_head(features.shape[1], 3, settings.dropout)
     training.compile_classifier(head, 0.01, params.train)
     head.fit(features, np.arange(6) % 3, epochs=2, verbose=0)
 
@@ -50,7 +49,7 @@ def test_fine_tune_trains_only_the_top_layers(base, settings, params, tmp_path, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    head = transfer.build_head(2048, 3, settings.dropout)
+    head = backbones.build_head(2048, 3, settings.dropout)
     model = transfer.export_model(base, head, settings)
     frozen_before = [w.numpy().copy() for w in base.weights[:4]]
     top = base.layers[-3]  # block14_sepconv2: the last layer with weights
@@ -60,9 +59,24 @@ def test_fine_tune_trains_only_the_top_layers(base, settings, params, tmp_path, 
         "transfer": settings.model_copy(update={"fine_tune_epochs": 1, "fine_tune_layers": 3}),
         "train": params.train.model_copy(update={"batch_size": 4}),
     })
-    split = Split(images(8), np.arange(8, dtype=np.int32) % 3)
+    split = split_on_disk(tmp_path / "images", images(8), np.arange(8) % 3)
     with tracking.stage_run("transfer", tuned, device.cpu_only()) as run:
         result = transfer.fine_tune(model, base, split, split, tuned, run)
     assert len(result.rows) == 1
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(frozen_before, base.weights[:4]))
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(top_before, top.weights))
+
+
+def test_features_stream_in_record_order_with_labels_and_index(base, settings, tmp_path):
+    from pipeline import imageset
+
+    raw = images(7)
+    split = split_on_disk(tmp_path / "images", raw, [0, 1, 2, 0, 1, 2, 0])
+    extractor = backbones.feature_extractor(base, settings.backbone, settings.image_size)
+    with imageset.SplitWriter(tmp_path, "train", (2048,), np.float32) as writer:
+        backbones.extract_features(extractor, split, batch_size=3, writer=writer)
+    stored = imageset.load_split(tmp_path, "train")
+    np.testing.assert_allclose(
+        np.concatenate([b["x"] for b in stored.batches(7)]), extractor.predict(raw, verbose=0), atol=1e-4
+    )
+    np.testing.assert_array_equal(stored.rows, split.rows)

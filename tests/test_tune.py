@@ -5,11 +5,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline import device, tracking
-from pipeline.imageset import Split
+from pipeline import device, imageset, tracking
 from pipeline.stages import tune
 
-from .conftest import REPO
+from .conftest import REPO, split_on_disk
 
 
 @pytest.fixture
@@ -24,9 +23,9 @@ def small(params, tmp_path, monkeypatch):
     })
 
 
-def tiny_split(count=24, seed=0):
+def tiny_split(directory, count=24, seed=0):
     rng = np.random.default_rng(seed)
-    return Split(rng.integers(0, 256, (count, 20, 20, 3), dtype=np.uint8), np.arange(count, dtype=np.int32) % 3)
+    return split_on_disk(directory, rng.integers(0, 256, (count, 20, 20, 3), dtype=np.uint8), np.arange(count) % 3)
 
 
 def trial_runs(tmp_path):
@@ -36,7 +35,7 @@ def trial_runs(tmp_path):
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(small, tmp_path):
-    train, val = tiny_split(), tiny_split(9, seed=1)
+    train, val = tiny_split(tmp_path / "train"), tiny_split(tmp_path / "val", 9, seed=1)
     with pytest.raises(KeyboardInterrupt), tracking.stage_run("tune", small, device.cpu_only()) as run:
         tuner = tune.make_tuner(small, 3, "resume-test", run)
 
@@ -46,12 +45,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(small, tmp
             type(tuner).on_epoch_end(tuner, trial, model, epoch, logs)
 
         tuner.on_epoch_end = interrupt_second_trial
-        tune.search(tuner, train, val, small)
+        tune.search(tuner, train, val, small, keep=None)
     assert trial_runs(tmp_path) == [("trial_0", "FINISHED"), ("trial_1", "FAILED")]
 
     with tracking.stage_run("tune", small, device.cpu_only()) as run:
         resumed = tune.make_tuner(small, 3, "resume-test", run)
-        tune.search(resumed, train, val, small)
+        tune.search(resumed, train, val, small, keep=None)
     assert resumed.trials_run == 2  # trial 1 again, then trial 2; trial 0 was kept
     assert sorted(resumed.oracle.trials) == ["0", "1", "2"]
     assert all(t.status == "COMPLETED" for t in resumed.oracle.trials.values())
@@ -70,8 +69,21 @@ def test_search_key_changes_with_the_search_not_with_the_retraining(small):
     assert key == tune.search_key(longer_retrain, "data-a")
 
 
-def test_subset_is_stratified_and_seeded():
-    split = Split(np.zeros((30, 4, 4, 3), np.uint8), np.repeat(np.arange(3, dtype=np.int32), 10))
-    half = tune.subset(split, 0.5, seed=0)
-    assert np.bincount(half.labels).tolist() == [5, 5, 5]
-    assert tune.subset(split, 1.0, seed=0) is split
+def test_subset_is_stratified_seeded_and_streams_only_the_kept_sources(tmp_path):
+    labels = np.repeat(np.arange(3), 10)
+    keep = tune.subset_mask(labels, 0.5, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [5, 5, 5]
+    np.testing.assert_array_equal(keep, tune.subset_mask(labels, 0.5, seed=0))
+    assert tune.subset_mask(labels, 1.0, seed=0) is None
+
+    images = np.arange(30, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    split = split_on_disk(tmp_path, images, labels)
+    seen = np.concatenate([x.numpy()[:, 0, 0, 0] for x, _ in imageset.stream(split, 4, shuffle_seed=1, keep=keep)])
+    assert sorted(seen.astype(int).tolist()) == np.flatnonzero(keep).tolist()
+    assert imageset.streamed(split, keep) == 15
+
+
+def test_search_key_sees_the_search_space(small):
+    wider = small.tune.space.model_copy(update={"filters": [16, 32, 64]})
+    changed = small.model_copy(update={"tune": small.tune.model_copy(update={"space": wider})})
+    assert tune.search_key(changed, "data-a") != tune.search_key(small, "data-a")

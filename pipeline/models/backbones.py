@@ -1,4 +1,5 @@
-"""keras.applications backbones by name: constructor, preprocessing, and the frozen feature extractor."""
+"""keras.applications backbones by name: constructor, preprocessing, the frozen feature extractor, its
+features of an image set, and the classifier head trained on them."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
+from tqdm import tqdm
 
-from pipeline import fsio
+from pipeline import fsio, imageset
 from pipeline.errors import UserError
+from pipeline.imageset import Split
 from pipeline.models.layers import BackbonePreprocess, raw_image_input
 
 # name -> (constructor, module holding its preprocess_input); names match params.BACKBONES.
@@ -55,3 +59,22 @@ def feature_extractor(base: keras.Model, backbone: str, image_size: int) -> kera
     x = base(x, training=False)
     features = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, features, name=f"{backbone}_features")
+
+
+def build_head(feature_size: int, num_classes: int, dropout: float) -> keras.Model:
+    features = keras.Input(shape=(feature_size,), name="features")
+    x = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def extract_features(extractor: keras.Model, images: Split, batch_size: int, writer: imageset.SplitWriter) -> None:
+    """Every image's features, in record order, written a batch at a time."""
+    position = 0
+    with tqdm(total=images.count, desc="features", unit="img", mininterval=5) as progress:
+        for batch, _ in imageset.stream(images, batch_size):
+            features = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+            rows = images.rows[position : position + len(features)]
+            writer.write(features, rows["label"], rows["index"])
+            position += len(features)
+            progress.update(len(features))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.imageset import Split
 
 CLASSIC_BASELINES = ("random_forest", "logistic")
 # Types skops reports as not trusted by default that our own estimators contain.
@@ -26,6 +27,16 @@ def pixels(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
         chunk = np.asarray(images[start : start + batch], dtype=np.float32)
         small = keras.ops.image.resize(chunk, (size, size), antialias=True)
         out[start : start + len(chunk)] = keras.ops.convert_to_numpy(small).reshape(len(chunk), -1) / 255.0
+    return out
+
+
+def split_pixels(split: Split, size: int) -> np.ndarray:
+    """pixels() of every image of a split on disk, read a batch at a time: only the small matrix is held."""
+    out = np.empty((split.count, size * size * 3), dtype=np.float32)
+    row = 0
+    for batch in split.batches(256):
+        out[row : row + len(batch)] = pixels(batch["x"], size)
+        row += len(batch)
     return out
 
 

@@ -98,10 +98,9 @@ def classifier(
     body: Callable[[keras.KerasTensor], keras.KerasTensor],
     input_size: int,
     num_classes: int,
-    augmenter: keras.Layer | None = None,
     normalize: bool = True,
 ) -> keras.Model:
-    inputs, x = raw_image_input(input_size, augmenter)
+    inputs, x = raw_image_input(input_size)
     if normalize:
         x = layers.Rescaling(1 / 255, name="rescale")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(body(x))
@@ -113,8 +112,7 @@ def build(
     image_size: int,
     pixels_size: int,
     num_classes: int,
-    augmenter: keras.Layer | None = None,
     normalize: bool = True,
 ) -> keras.Model:
     size = pixels_size if name in SMALL_INPUT else image_size
-    return classifier(name, _BODIES[name], size, num_classes, augmenter, normalize)
+    return classifier(name, _BODIES[name], size, num_classes, normalize)

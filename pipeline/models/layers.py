@@ -48,10 +48,7 @@ class BackbonePreprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-def raw_image_input(size: int, augmenter: keras.Layer | None = None) -> tuple[keras.KerasTensor, Any]:
-    """An input for uint8 RGB images of any size, resized to `size` (and augmented while training)."""
+def raw_image_input(size: int) -> tuple[keras.KerasTensor, Any]:
+    """An input for RGB images (0-255) of any size, resized to `size`."""
     inputs = keras.Input(shape=(None, None, 3), name="image")
-    x = keras.layers.Resizing(size, size, name="resize")(inputs)
-    if augmenter is not None:
-        x = augmenter(x)
-    return inputs, x
+    return inputs, keras.layers.Resizing(size, size, name="resize")(inputs)

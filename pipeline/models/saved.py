@@ -5,7 +5,7 @@ preprocess shaped the images it was trained on (size and resize mode), so predic
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,9 @@ import numpy as np
 
 from pipeline import fsio
 from pipeline.errors import UserError
+from pipeline.imageset import Split
 from pipeline.models import classic
+from pipeline.params import Params
 
 SUFFIXES = (".keras", ".skops")
 
@@ -42,6 +44,27 @@ class SavedModel:
         if self.is_keras:
             return np.asarray(self.model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
         return self.model.predict_proba(classic.pixels(images, self.meta["pixels_size"]))
+
+    def predict_split(self, split: Split, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities for every image of a split on disk, in record order, streamed."""
+        if self.is_keras:
+            from pipeline import training
+
+            return training.predict(self.model, split, batch_size)
+        return self.model.predict_proba(classic.split_pixels(split, self.meta["pixels_size"]))
+
+
+def model_meta(name: str, stage: str, params: Params, classes: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """What is written beside a model: enough to use it outside the pipeline."""
+    return {
+        "name": name,
+        "stage": stage,
+        "classes": list(classes),
+        "dataset": params.data.dataset,
+        "image_size": params.preprocess.image_size,
+        "resize": params.preprocess.resize,
+        **extra,
+    }
 
 
 def meta_path(model_path: Path) -> Path:

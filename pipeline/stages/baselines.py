@@ -1,8 +1,9 @@
 """baselines stage: the seeds' models on the same data -> data/models/baselines + learning curves.
 
-scikit-learn models (random forest, logistic regression) see downscaled pixels; the Keras ones
-(MLP, the MNIST CNN, the chifoumi/cats-vs-dogs CNN, the dog-breed CNNs) train with the seeds'
-callbacks. Each model is one nested MLflow run with its params, curves and timings.
+scikit-learn models (random forest, logistic regression) see downscaled pixels, gathered a batch
+at a time; the Keras ones (MLP, the MNIST CNN, the chifoumi/cats-vs-dogs CNN, the dog-breed CNNs)
+train on a stream of the shards with the seeds' callbacks. Each model is one nested MLflow run
+with its params, curves and timings.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import cli, device, fsio, paths, tracking, training
+from pipeline import cli, fsio, paths, training
 from pipeline.imageset import Split
 from pipeline.models import classic, cnn, saved
-from pipeline.models.layers import build_augmenter
-from pipeline.params import Params, load_params
+from pipeline.params import Params
+from pipeline.scores import scores
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("baselines")
@@ -28,33 +29,32 @@ def train_classic(
     size = params.baselines.pixels_size
     start = time.perf_counter()
     model = classic.estimator(name, params.seed, params.baselines.forest_trees)
-    model.fit(classic.pixels(train.images, size), train.labels)
+    model.fit(classic.split_pixels(train, size), train.labels)
     seconds = time.perf_counter() - start
-    probabilities = model.predict_proba(classic.pixels(val.images, size))
-    saved.save_classic(model, out, training.model_meta(name, "baselines", params, classes, pixels_size=size))
-    scores = {
-        **training.scores(val.labels, probabilities, "val_"),
+    probabilities = model.predict_proba(classic.split_pixels(val, size))
+    saved.save_classic(model, out, saved.model_meta(name, "baselines", params, classes, pixels_size=size))
+    found = {
+        **scores(val.labels, probabilities, "val_"),
         "train_seconds": round(seconds, 3),
-        "train_images_per_second": round(len(train.labels) / seconds, 2),
+        "train_images_per_second": round(train.count / seconds, 2),
     }
-    return scores, len(train.labels)
+    return found, train.count
 
 
 def train_keras(
     name: str, train: Split, val: Split, params: Params, classes: list[str], out: Path, curves: Path, run: StageRun
 ) -> tuple[dict[str, Any], int]:
     settings = params.baselines
-    augmenter = build_augmenter(params.augment, params.seed) if params.train.augment_on_the_fly else None
-    model = cnn.build(
-        name, params.preprocess.image_size, settings.pixels_size, len(classes), augmenter, settings.normalize
-    )
+    model = cnn.build(name, params.preprocess.image_size, settings.pixels_size, len(classes), settings.normalize)
     training.compile_classifier(model, settings.learning_rate, params.train)
-    result = training.fit(model, train, val, settings=params.train, epochs=settings.epochs, run=run)
+    result = training.fit(
+        model, train, val, settings=params.train, epochs=settings.epochs, run=run, seed=params.seed,
+        **training.on_the_fly(params),
+    )
     training.write_curves(result.rows, curves / f"{name}.json")
-    probabilities = model.predict(val.images, batch_size=params.train.batch_size, verbose=0)
-    meta = training.model_meta(name, "baselines", params, classes, parameters=model.count_params())
-    saved.save_keras(model, out, meta)
-    return {**training.scores(val.labels, probabilities, "val_"), **result.summary}, result.images_seen
+    probabilities = training.predict(model, val, params.train.batch_size)
+    saved.save_keras(model, out, saved.model_meta(name, "baselines", params, classes, parameters=model.count_params()))
+    return {**scores(val.labels, probabilities, "val_"), **result.summary}, result.images_seen
 
 
 def model_params(name: str, params: Params) -> dict[str, Any]:
@@ -72,26 +72,24 @@ def model_params(name: str, params: Params) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    params = load_params()
-    info = device.configure_training(params.train)
-    with tracking.stage_run("baselines", params, info) as run:
-        classes, train, val = training.seeded_data(params)
-        results: dict[str, dict[str, Any]] = {}
-        with fsio.atomic_dir(paths.BASELINE_MODELS) as out, fsio.atomic_dir(paths.CURVES / "baselines") as curves:
-            for name in params.baselines.models:
-                log.info("training %s on %d images", name, len(train.labels))
-                with run.nested(name, model_params(name, params)):
-                    if name in classic.CLASSIC_BASELINES:
-                        result, seen = train_classic(name, train, val, params, classes, out)
-                    else:
-                        result, seen = train_keras(name, train, val, params, classes, out, curves, run)
-                    run.images += seen
-                    run.log_active(result)
-                results[name] = result
-                log.info("%s: val accuracy %.4f", name, result["val_accuracy"])
-        run.log_metrics({"train_images": len(train.labels), "val_images": len(val.labels), "models": results})
+@cli.stage("baselines")
+def main(params: Params, run: StageRun) -> None:
+    classes, train, val = training.load_train_val(params)
+    results: dict[str, dict[str, Any]] = {}
+    with fsio.atomic_dir(paths.BASELINE_MODELS) as out, fsio.atomic_dir(paths.CURVES / "baselines") as curves:
+        for name in params.baselines.models:
+            log.info("training %s on %d images", name, train.count)
+            with run.nested(name, model_params(name, params)):
+                if name in classic.CLASSIC_BASELINES:
+                    result, seen = train_classic(name, train, val, params, classes, out)
+                else:
+                    result, seen = train_keras(name, train, val, params, classes, out, curves, run)
+                run.images += seen
+                run.log_now(result)
+            results[name] = result
+            log.info("%s: val accuracy %.4f", name, result["val_accuracy"])
+    run.record({"train_images": train.count, "val_images": val.count, "models": results})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()

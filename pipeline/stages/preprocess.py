@@ -1,4 +1,7 @@
-"""preprocess stage: data/raw -> data/prepared (validated, RGB, resized, split train/val/test).
+"""preprocess stage: data/raw.tar -> data/prepared (validated, RGB, resized, split train/val/test).
+
+The members of data/raw.tar are listed by data/raw.json (path, bytes, offset of the data): each is decoded
+straight from the tar, which the decoding processes open themselves, so no image is unpacked or copied.
 
 Every file ends in exactly one place: a split, the quarantine list (with its reason) or a dropped
 class (with a warning). The split is stratified by class and group-aware: all frames of one shot
@@ -12,74 +15,118 @@ import logging
 import multiprocessing
 import os
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cli, device, fsio, imageset, paths, tracking
+from pipeline import cli, fsio, imageset, paths
 from pipeline.errors import UserError
 from pipeline.images import BadImage, load_array
-from pipeline.params import SPLITS, PreprocessParams, load_params
+from pipeline.params import SPLITS, Params, PreprocessParams
+from pipeline.splitting import assign_splits, group_of
+from pipeline.tracking import StageRun
 
 log = logging.getLogger("preprocess")
 
 
+def check_class_names(names: list[str]) -> None:
+    """`Cat` beside `cat` (or `cat ` beside `cat`) is one class spelled twice, not two: say so."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.split()).casefold()
+        if key in seen:
+            raise UserError(
+                f"class folders {seen[key]!r} and {name!r} differ only by case or whitespace: merge or rename one"
+            )
+        seen[key] = name
+
+
 def list_files(raw: Path) -> list[tuple[str, str]]:
-    """(path relative to raw, class) for every file in every class folder, in a stable order."""
+    """(path relative to raw, class) for every file in every class folder of a directory, in a stable order."""
     found = []
-    for folder in sorted(p for p in raw.iterdir() if p.is_dir()):
+    folders = sorted(p for p in raw.iterdir() if p.is_dir())
+    check_class_names([folder.name for folder in folders])
+    for folder in folders:
         found += [(f.relative_to(raw).as_posix(), folder.name) for f in sorted(folder.rglob("*")) if f.is_file()]
     if not found:
         raise UserError(f"{raw} holds no files in class folders: run the download stage first")
     return found
 
 
-def group_of(path: str, pattern: re.Pattern[str] | None) -> str:
-    """The shot a file belongs to; a file the pattern does not match is a shot of its own."""
-    name = path.rsplit("/", 1)[-1]
-    match = pattern.match(name) if pattern else None
-    return path if match is None else f"{path.rsplit('/', 1)[0]}/{match.group(1)}"
+def index_of(raw: Path) -> Path:
+    """The listing download writes beside the tar: data/raw.tar -> data/raw.json."""
+    return raw.with_suffix(".json")
 
 
-def assign_splits(
-    labels: np.ndarray, groups: list[str], fractions: dict[str, float], seed: int, classes: list[str]
-) -> np.ndarray:
-    """Split index (into SPLITS) per item: per class, whole groups go to the split furthest below its share."""
-    rng = np.random.default_rng(seed)
-    wanted = [name for name in SPLITS if fractions[name] > 0]
-    assigned = np.full(len(labels), -1, dtype=np.int8)
-    for label, name in enumerate(classes):
-        members: dict[str, list[int]] = {}
-        for index in np.flatnonzero(labels == label):
-            members.setdefault(groups[index], []).append(index)
-        keys = sorted(members)
-        keys = [keys[i] for i in rng.permutation(len(keys))]
-        total = sum(len(v) for v in members.values())
-        if len(keys) < len(wanted):
+def list_members(raw: Path) -> list[tuple[str, str, int, int]]:
+    """(path, class, offset, bytes) of every member of the tar `raw`, in tar order, from its listing.
+
+    A tar shorter than the listing says (cut short, or not the tar the listing was written with) is an
+    error naming the first member it lacks: never a silently shorter dataset.
+    """
+    index = index_of(raw)
+    if not raw.is_file() or not index.is_file():
+        raise UserError(f"{raw} or {index} is missing: run the download stage first")
+    try:
+        listed = fsio.read_json(index)["files"]
+        found = [(f["path"], f["path"].split("/", 1)[0], int(f["offset"]), int(f["bytes"])) for f in listed]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{index} does not list the tar's members with offsets ({exc!r}): run the download stage again") from None
+    if not found:
+        raise UserError(f"{raw} holds no files in class folders: run the download stage first")
+    if any("/" not in path for path, *_ in found):
+        raise UserError(f"{index}: every member must be <class>/<file>; run the download stage again")
+    size = raw.stat().st_size
+    for path, _, offset, length in found:
+        if offset + length > size:
             raise UserError(
-                f"class {name!r} has {total} images in {len(keys)} group(s) (shots), but the split into "
-                f"{'/'.join(wanted)} needs at least {len(wanted)} groups: add images, drop the class with "
-                f"preprocess.min_per_class={total + 1}, or set a fraction in preprocess.splits to 0"
+                f"{raw} is cut short: it has {size} bytes, but member {path!r} ends at byte {offset + length} "
+                f"(per {index}); restore it (`dvc checkout {raw}`) or run the download stage again"
             )
-        filled = dict.fromkeys(wanted, 0)
-        # One group for each split first (smallest share first), so no split lacks the class.
-        seeding = sorted(wanted, key=lambda s: fractions[s])
-        for position, key in enumerate(keys):
-            split = seeding[position] if position < len(seeding) else max(
-                wanted, key=lambda s: fractions[s] * total - filled[s]
-            )
-            filled[split] += len(members[key])
-            assigned[members[key]] = SPLITS.index(split)
-    return assigned
+    check_class_names(sorted({label for _, label, *_ in found}))
+    return found
 
 
-def _decode(path: Path, settings: PreprocessParams) -> tuple[np.ndarray | None, str | None]:
+_tar: int | None = None  # this process's descriptor of the tar being decoded
+
+
+def _open_tar(path: str) -> None:
+    """A pool initializer: each decoding process opens the tar once and reads members by offset."""
+    global _tar
+    _tar = os.open(path, os.O_RDONLY)
+
+
+def _close_tar() -> None:
+    global _tar
+    if _tar is not None:
+        os.close(_tar)
+        _tar = None
+
+
+def read_member(fd: int, offset: int, size: int) -> bytes:
+    """`size` bytes from `offset` (fewer only where the file ends first)."""
+    parts, done = [], 0
+    while done < size:
+        block = os.pread(fd, size - done, offset + done)
+        if not block:
+            break
+        parts.append(block)
+        done += len(block)
+    return b"".join(parts)
+
+
+def _decode(member: tuple[int, int], settings: PreprocessParams) -> tuple[np.ndarray | None, str | None]:
+    offset, size = member
+    data = read_member(_tar, offset, size)
+    if len(data) < size:
+        return None, f"truncated: the tar holds {len(data)} of this member's {size} bytes"
     try:
         return load_array(
-            path, size=settings.image_size, resize=settings.resize,
+            data, size=settings.image_size, resize=settings.resize,
             max_pixels=settings.max_pixels, min_size=settings.min_size,
         ), None
     except BadImage as exc:
@@ -97,61 +144,96 @@ def auto_workers(files: int) -> int:
 
 
 def decode_all(
-    files: list[Path], settings: PreprocessParams, into: np.ndarray, workers: int
+    tar: Path, members: list[tuple[int, int]], settings: PreprocessParams, into: BinaryIO, workers: int
 ) -> list[str | None]:
-    """Decode `files` into the rows of `into` on `workers` processes; return a reason per failed file."""
+    """Decode the `members` ((offset, bytes) in `tar`) on `workers` processes, appending each good one's
+    pixels to `into` in member order.
+
+    Returns a reason per failed member (None for a good one). The processes are sent offsets, not bytes,
+    and read the tar themselves; nothing is held but the image in hand.
+    """
     decode = functools.partial(_decode, settings=settings)
     reasons: list[str | None] = []
-    # spawn, not fork: MLflow and TensorFlow may already run threads in this process.
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(decode, files, chunksize=16) if pool else map(decode, files)
-        for row, (pixels, reason) in enumerate(tqdm(results, total=len(files), desc="decode", unit="img")):
-            if pixels is not None:
-                into[row] = pixels
-            reasons.append(reason)
+    if workers > 1:
+        # spawn, not fork: MLflow and TensorFlow may already run threads in this process.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_open_tar, initargs=(str(tar.resolve()),))
+    else:
+        _open_tar(str(tar))
+        pool = None
+    try:
+        with pool or contextlib.nullcontext():
+            results = pool.imap(decode, members, chunksize=16) if pool else map(decode, members)
+            for pixels, reason in tqdm(results, total=len(members), desc="decode", unit="img", mininterval=2):
+                if pixels is not None:
+                    into.write(pixels.tobytes())
+                reasons.append(reason)
+    finally:
+        if pool is None:
+            _close_tar()
     return reasons
+
+
+def write_split(
+    decoded: BinaryIO, rows: np.ndarray, labels: np.ndarray, writer: imageset.SplitWriter, chunk: int = 256
+) -> None:
+    """Copy decoded images `rows` (in that order) from the scratch file into a split, a chunk at a time."""
+    image_bytes = writer.record.itemsize - imageset.ROWS.itemsize
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        pixels = np.frombuffer(
+            b"".join(os.pread(decoded.fileno(), image_bytes, int(r) * image_bytes) for r in part), np.uint8
+        ).reshape(len(part), *writer.shape)
+        writer.write(pixels, labels[start : start + chunk], np.arange(start, start + len(part)))
 
 
 def prepare(
     raw: Path, out: Path, settings: PreprocessParams, seed: int
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Decode, check, split and write `raw` as an image set in `out`; return metrics and quarantine."""
-    files = list_files(raw)
+    """Decode, check, split and write the tar `raw` (listed by its .json beside it, as download writes them)
+    as an image set in `out`; return metrics and quarantine.
+
+    Each split is written in a seeded random order, so a training stream that shuffles within a
+    bounded buffer still sees every class in every batch.
+    """
+    members = list_members(raw)
+    files = [(path, label) for path, label, _, _ in members]
     size = settings.image_size
-    everything = np.lib.format.open_memmap(out / "_decoded.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
     workers = settings.workers or auto_workers(len(files))
-    reasons = decode_all([raw / p for p, _ in files], settings, everything, workers)
+    with tempfile.TemporaryFile(dir=out) as decoded:
+        reasons = decode_all(raw, [(offset, length) for _, _, offset, length in members], settings, decoded, workers)
+        decoded.flush()
+        good_rows = np.cumsum([reason is None for reason in reasons]) - 1  # file -> its row in `decoded`
 
-    good = Counter(label for (_, label), reason in zip(files, reasons) if reason is None)
-    dropped = {name for name in sorted({label for _, label in files}) if good[name] < settings.min_per_class}
-    for name in dropped:
-        log.warning("dropping class %r: %d good images < preprocess.min_per_class %d", name, good[name], settings.min_per_class)
-    classes = sorted(name for name in good if name not in dropped)
-    if len(classes) < 2:
-        raise UserError(f"need at least 2 classes with images to classify; have {classes}")
+        good = Counter(label for (_, label), reason in zip(files, reasons) if reason is None)
+        dropped = {name for name in sorted({label for _, label in files}) if good[name] < settings.min_per_class}
+        for name in dropped:
+            log.warning("dropping class %r: %d good images < preprocess.min_per_class %d", name, good[name], settings.min_per_class)
+        classes = sorted(name for name in good if name not in dropped)
+        if len(classes) < 2:
+            raise UserError(f"need at least 2 classes with images to classify; have {classes}")
 
-    kept = [i for i, ((_, label), reason) in enumerate(zip(files, reasons)) if reason is None and label not in dropped]
-    labels = np.array([classes.index(files[i][1]) for i in kept], dtype=np.int32)
-    pattern = re.compile(settings.group_pattern) if settings.group_pattern else None
-    groups = [group_of(files[i][0], pattern) for i in kept]
-    split_of = assign_splits(labels, groups, settings.splits.as_dict(), seed, classes)
+        kept = np.array(
+            [i for i, ((_, label), reason) in enumerate(zip(files, reasons)) if reason is None and label not in dropped],
+            dtype=np.int64,
+        )
+        labels = np.array([classes.index(files[i][1]) for i in kept], dtype=np.int32)
+        pattern = re.compile(settings.group_pattern) if settings.group_pattern else None
+        groups = [group_of(files[i][0], pattern) for i in kept]
+        split_of = assign_splits(labels, groups, settings.splits.as_dict(), seed, classes)
 
-    per_split: dict[str, dict[str, int]] = {}
-    kept_array = np.array(kept, dtype=np.int64)
-    for index, name in enumerate(SPLITS):
-        chosen = split_of == index
-        imageset.save_rows(out / f"{name}_images.npy", everything, kept_array[chosen])
-        np.save(out / f"{name}_labels.npy", labels[chosen])
-        per_split[name] = {
-            "images": int(chosen.sum()),
-            "groups": len({g for g, c in zip(groups, chosen) if c}),
-        }
-    del everything
-    (out / "_decoded.npy").unlink()
+        rng = np.random.default_rng(seed)
+        per_split: dict[str, dict[str, int]] = {}
+        placed: dict[int, tuple[str, int]] = {}  # file -> (split, row)
+        for index, name in enumerate(SPLITS):
+            members = np.flatnonzero(split_of == index)
+            members = members[rng.permutation(len(members))]
+            with imageset.SplitWriter(out, name, (size, size, 3), np.uint8) as writer:
+                write_split(decoded, good_rows[kept[members]], labels[members], writer)
+            placed |= {int(kept[k]): (name, row) for row, k in enumerate(members)}
+            per_split[name] = {"images": len(members), "groups": len({groups[k] for k in members})}
 
     entries = []
-    split_by_file = {kept[k]: SPLITS[s] for k, s in enumerate(split_of)}
-    group_by_file = dict(zip(kept, groups))
+    group_by_file = dict(zip(kept.tolist(), groups))
     for i, ((path, label), reason) in enumerate(zip(files, reasons)):
         entry: dict[str, Any] = {"path": path, "class": label}
         if reason is not None:
@@ -159,7 +241,7 @@ def prepare(
         elif label in dropped:
             entry["dropped"] = f"class has {good[label]} good images < preprocess.min_per_class"
         else:
-            entry |= {"split": split_by_file[i], "group": group_by_file[i]}
+            entry |= {"split": placed[i][0], "row": placed[i][1], "group": group_by_file[i]}
         entries.append(entry)
     quarantined = [{"path": e["path"], "reason": e["quarantine"]} for e in entries if "quarantine" in e]
     imageset.write_meta(out, classes, {"image_size": size, "resize": settings.resize, "files": entries})
@@ -174,25 +256,24 @@ def prepare(
     }, quarantined
 
 
-def main() -> None:
-    params = load_params()
-    with tracking.stage_run("preprocess", params, device.cpu_only()) as run:
-        with fsio.atomic_dir(paths.PREPARED) as out:
-            metrics, quarantined = prepare(paths.RAW, out, params.preprocess, params.seed)
-        reasons = Counter(q["reason"].split(":", 1)[0] for q in quarantined)
-        fsio.write_json(paths.QUARANTINE, {"count": len(quarantined), "by_kind": reasons, "files": quarantined})
-        run.images = metrics["images_in"]
-        run.log_metrics(metrics)
-        run.log_artifact(paths.QUARANTINE)
-        for entry in quarantined:
-            log.warning("quarantined %s: %s", entry["path"], entry["reason"])
-        log.info(
-            "%d images -> %s; %d quarantined",
-            metrics["images_in"],
-            ", ".join(f"{k} {v['images']} ({v['groups']} groups)" for k, v in metrics["split"].items()),
-            metrics["quarantined"],
-        )
+@cli.stage("preprocess", trains=False)
+def main(params: Params, run: StageRun) -> None:
+    with fsio.atomic_dir(paths.PREPARED) as out:
+        metrics, quarantined = prepare(paths.RAW, out, params.preprocess, params.seed)
+    reasons = Counter(q["reason"].split(":", 1)[0] for q in quarantined)
+    fsio.write_json(paths.QUARANTINE, {"count": len(quarantined), "by_kind": reasons, "files": quarantined})
+    run.images = metrics["images_in"]
+    run.record(metrics)
+    run.log_artifact(paths.QUARANTINE)
+    for entry in quarantined:
+        log.warning("quarantined %s: %s", entry["path"], entry["reason"])
+    log.info(
+        "%d images -> %s; %d quarantined",
+        metrics["images_in"],
+        ", ".join(f"{k} {v['images']} ({v['groups']} groups)" for k, v in metrics["split"].items()),
+        metrics["quarantined"],
+    )
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()

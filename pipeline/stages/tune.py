@@ -19,11 +19,11 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from pipeline import cli, device, fsio, paths, tracking, training
+from pipeline import cli, fsio, imageset, paths, training
 from pipeline.imageset import Split
 from pipeline.models import cnn, saved
-from pipeline.models.layers import build_augmenter
-from pipeline.params import Params, load_params
+from pipeline.params import Params
+from pipeline.scores import scores
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("tune")
@@ -32,18 +32,18 @@ _TUNERS = {"random": kt.RandomSearch, "hyperband": kt.Hyperband, "bayesian": kt.
 
 
 def build_hypermodel(params: Params, num_classes: int) -> Any:
-    """hp -> a compiled cnn3v2-family model: filters, kernel size, dropout, dense units, learning rate."""
-    augmenter = build_augmenter(params.augment, params.seed) if params.train.augment_on_the_fly else None
+    """hp -> a compiled cnn3v2-family model, each hyperparameter drawn from tune.space."""
+    space = params.tune.space
 
     def build(hp: kt.HyperParameters) -> keras.Model:
         family = cnn.Cnn3v2(
-            filters=hp.Choice("filters", [16, 32]),  # 64 costs ~3x a 32-filter trial on 2 cores
-            kernel_size=hp.Choice("kernel_size", [3, 5]),
-            dropout=hp.Boolean("dropout"),
-            dense_units=hp.Choice("dense_units", [64, 128, 256]),
+            filters=hp.Choice("filters", space.filters),
+            kernel_size=hp.Choice("kernel_size", space.kernel_size),
+            dropout=bool(hp.Choice("dropout", space.dropout)),
+            dense_units=hp.Choice("dense_units", space.dense_units),
         )
-        learning_rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
-        model = cnn.classifier(MODEL_NAME, family.body, params.tune.image_size, num_classes, augmenter)
+        learning_rate = hp.Float("learning_rate", *space.learning_rate, sampling="log")
+        model = cnn.classifier(MODEL_NAME, family.body, params.tune.image_size, num_classes)
         return training.compile_classifier(model, learning_rate, params.train)
 
     return build
@@ -69,14 +69,14 @@ class MlflowTrials:
     def on_epoch_end(self, trial: Any, model: Any, epoch: int, logs: dict[str, Any] | None = None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
         self.epochs_run += 1
-        self.stage_run.log_active({f"epoch_{k}": float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        self.stage_run.log_now({f"epoch_{k}": float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_end(trial)  # the oracle records the score and saves its state
         best = trial.metrics.get_best_value("val_accuracy") if trial.metrics.exists("val_accuracy") else None
         self.stage_run.set_tags({"trial.status": str(trial.status)})
         if best is not None:
-            self.stage_run.log_active({"val_accuracy": float(best)})
+            self.stage_run.log_now({"val_accuracy": float(best)})
         self._close_trial_run(None, None, None)
         self.trials_run += 1
 
@@ -94,7 +94,7 @@ class MlflowTrials:
 
 
 def search_key(params: Params, data_fingerprint: str) -> str:
-    """Names the tuner's project: the same search on the same data resumes, any change starts anew."""
+    """Names the tuner's project: the same search (space included) on the same data resumes; any change starts anew."""
     scope = {
         "seed": params.seed,
         "tune": params.tune.model_dump(exclude={"final_epochs"}),
@@ -121,72 +121,80 @@ def make_tuner(params: Params, num_classes: int, project: str, run: StageRun) ->
     )
 
 
-def subset(split: Split, fraction: float, seed: int) -> Split:
-    """A stratified `fraction` of `split` (the seed searched on part of the data to save time)."""
+def subset_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:
+    """A stratified `fraction` of the train images (by row), to search on part of the data as the seed did.
+
+    None keeps everything. Augmented copies follow their source image in or out.
+    """
     if fraction >= 1:
-        return split
+        return None
     from sklearn.model_selection import train_test_split
 
-    keep, _ = train_test_split(np.arange(len(split.labels)), train_size=fraction, stratify=split.labels, random_state=seed)
-    keep = np.sort(keep)
-    return Split(split.images[keep], split.labels[keep])
+    rows = np.arange(len(labels))
+    chosen, _ = train_test_split(rows, train_size=fraction, stratify=labels, random_state=seed)
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[chosen] = True
+    return keep
 
 
-def search(tuner: Any, train: Split, val: Split, params: Params) -> None:
+def search(tuner: Any, train: Split, val: Split, params: Params, keep: np.ndarray | None) -> None:
+    on_the_fly = training.on_the_fly(params)
     tuner.search(
-        train.images,
-        train.labels,
-        validation_data=(val.images, val.labels),
+        imageset.stream(train, params.train.batch_size, shuffle_seed=params.seed, keep=keep, **on_the_fly),
+        validation_data=imageset.stream(val, params.train.batch_size),
         epochs=params.tune.epochs,
-        batch_size=params.train.batch_size,
-        callbacks=training.seed_callbacks(params.train),  # plain Keras callbacks: safe to deep-copy
+        shuffle=False,  # the stream shuffles
+        callbacks=training.plateau_callbacks(params.train),  # plain Keras callbacks: safe to deep-copy
         verbose=2,
     )
 
 
-def main() -> None:
-    params = load_params()
-    info = device.configure_training(params.train)
-    with tracking.stage_run("tune", params, info) as run:
-        classes, train, val = training.seeded_data(params)
-        searched = subset(train, params.tune.subset, params.seed)
-        fingerprint = hashlib.sha256((paths.PREPARED / "manifest.json").read_bytes()).hexdigest()
-        project = search_key(params, fingerprint)
-        tuner = make_tuner(params, len(classes), project, run)
-        start = time.perf_counter()
-        search(tuner, searched, val, params)
-        search_seconds = time.perf_counter() - start
-        best_trial = tuner.oracle.get_best_trials(1)[0]
-        best_hp = best_trial.hyperparameters
-        log.info("best of %d trials: %s (val accuracy %.4f)", len(tuner.oracle.trials), best_hp.values, best_trial.score)
+@cli.stage("tune")
+def main(params: Params, run: StageRun) -> None:
+    classes, train, val = training.load_train_val(params)
+    keep = subset_mask(imageset.load_split(paths.PREPARED, "train").labels, params.tune.subset, params.seed)
+    searched = params.train.on_the_fly_copies * imageset.streamed(train, keep)  # images per search epoch
+    fingerprint = hashlib.sha256((paths.PREPARED / "manifest.json").read_bytes()).hexdigest()
+    project = search_key(params, fingerprint)
+    tuner = make_tuner(params, len(classes), project, run)
+    start = time.perf_counter()
+    search(tuner, train, val, params, keep)
+    search_seconds = time.perf_counter() - start
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    best_hp = best_trial.hyperparameters
+    log.info("best of %d trials: %s (val accuracy %.4f)", len(tuner.oracle.trials), best_hp.values, best_trial.score)
 
-        with run.nested(MODEL_NAME, {"model": MODEL_NAME, **best_hp.values, "epochs": params.tune.final_epochs}):
-            keras.utils.set_random_seed(params.seed)
-            model = tuner.hypermodel.build(best_hp)
-            result = training.fit(model, train, val, settings=params.train, epochs=params.tune.final_epochs, run=run)
-            probabilities = model.predict(val.images, batch_size=params.train.batch_size, verbose=0)
-            final = {**training.scores(val.labels, probabilities, "val_"), **result.summary}
-            run.log_active(final)
-        with fsio.atomic_dir(paths.TUNED_MODELS) as out, fsio.atomic_dir(paths.CURVES / "tune") as curves:
-            meta = training.model_meta(
-                MODEL_NAME, "tune", params, classes, hyperparameters=best_hp.values, parameters=model.count_params()
-            )
-            saved.save_keras(model, out, meta)
-            training.write_curves(result.rows, curves / f"{MODEL_NAME}.json")
+    with run.nested(MODEL_NAME, {"model": MODEL_NAME, **best_hp.values, "epochs": params.tune.final_epochs}):
+        keras.utils.set_random_seed(params.seed)
+        model = tuner.hypermodel.build(best_hp)
+        result = training.fit(
+            model, train, val, settings=params.train, epochs=params.tune.final_epochs, run=run, seed=params.seed,
+            **training.on_the_fly(params),
+        )
+        probabilities = training.predict(model, val, params.train.batch_size)
+        final = {**scores(val.labels, probabilities, "val_"), **result.summary}
+        run.log_now(final)
+    with fsio.atomic_dir(paths.TUNED_MODELS) as out, fsio.atomic_dir(paths.CURVES / "tune") as curves:
+        meta = saved.model_meta(
+            MODEL_NAME, "tune", params, classes, hyperparameters=best_hp.values, parameters=model.count_params()
+        )
+        saved.save_keras(model, out, meta)
+        training.write_curves(result.rows, curves / f"{MODEL_NAME}.json")
 
-        run.images = result.images_seen + tuner.epochs_run * len(searched.labels)
-        run.set_tags({"tune.project": project})
-        run.log_metrics({
-            "search": {
-                "trials": len(tuner.oracle.trials),
-                "trials_run_now": tuner.trials_run,
-                "seconds": round(search_seconds, 3),
-                "best_val_accuracy": round(float(best_trial.score), 4),
-                "best": best_hp.values,
-            },
-            MODEL_NAME: final,
-        })
+    run.images = result.images_seen + tuner.epochs_run * searched
+    run.set_tags({"tune.project": project})
+    run.record({
+        "search": {
+            "trials": len(tuner.oracle.trials),
+            "trials_run_now": tuner.trials_run,
+            "searched_images": searched,
+            "seconds": round(search_seconds, 3),
+            "best_val_accuracy": round(float(best_trial.score), 4),
+            "best": best_hp.values,
+        },
+        MODEL_NAME: final,
+    })
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()
