@@ -174,10 +174,11 @@ def decode_all(
 
 
 def write_split(
-    decoded: BinaryIO, rows: np.ndarray, labels: np.ndarray, writer: imageset.SplitWriter, chunk: int = 256
+    decoded: BinaryIO, rows: np.ndarray, labels: np.ndarray, writer: imageset.SplitWriter, chunk_bytes: int = 32 * 2**20
 ) -> None:
-    """Copy decoded images `rows` (in that order) from the scratch file into a split, a chunk at a time."""
+    """Copy decoded images `rows` (in that order) from the scratch file into a split, ~32 MB at a time."""
     image_bytes = writer.record.itemsize - imageset.ROWS.itemsize
+    chunk = max(1, chunk_bytes // image_bytes)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         pixels = np.frombuffer(
