@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import fsio
+from pipeline import fsio, imageset
 from pipeline.device import host_tags
-from pipeline import imageset
 from pipeline.imageset import Split
 from pipeline.params import SPLITS, Params, PreprocessParams, load_params
 

@@ -224,13 +224,13 @@ def stream(
     record = split.record
     x_bytes = record.itemsize - ROWS.itemsize
     x_type = tf.as_dtype(split.dtype)
-    files = tf.data.Dataset.from_tensor_slices([str(s.path) for s in split.shards])
+    files = tf.data.Dataset.from_tensor_slices(tf.constant([str(s.path) for s in split.shards], dtype=tf.string))
     if shuffle_seed is not None:
-        files = files.shuffle(len(split.shards), seed=shuffle_seed, reshuffle_each_iteration=True)
+        files = files.shuffle(max(1, len(split.shards)), seed=shuffle_seed, reshuffle_each_iteration=True)
     # Training mixes up to 4 shards at a time; any other stream keeps record order (labels line up with rows).
     records = files.interleave(
         lambda path: tf.data.FixedLengthRecordDataset(path, record.itemsize, buffer_size=2**20),
-        cycle_length=min(len(split.shards), 4) if shuffle_seed is not None else 1, block_length=1,
+        cycle_length=max(1, min(len(split.shards), 4)) if shuffle_seed is not None else 1, block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     )
     if keep is not None:

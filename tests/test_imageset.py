@@ -100,3 +100,12 @@ def test_deleted_or_truncated_shard_is_an_error_naming_it(tmp_path):
     second.unlink()
     with pytest.raises(UserError, match=rf"{second.name} is missing"):
         imageset.load_split(tmp_path, "train")
+
+
+def test_an_empty_split_streams_nothing(tmp_path):
+    """augment.copies=0 gives an empty augmented split: streams of it (features, joins) must just be empty."""
+    with imageset.SplitWriter(tmp_path, "train", (4, 4, 3), np.uint8):
+        pass
+    empty = imageset.load_split(tmp_path, "train")
+    assert empty.count == 0 and empty.shards == ()
+    assert list(imageset.stream(empty, 8)) == [] and list(imageset.stream(empty, 8, shuffle_seed=0)) == []
