@@ -97,21 +97,23 @@ def scale_photos(scratch: Path, count: int, side: int, classes: int) -> Path:
     return folder
 
 
-def raw_tar(source: Path, tar: Path) -> Path:
+def raw_tar(source: Path, tar: Path, group_pattern: str | None = None) -> Path:
     """A class-per-folder directory packed as the download stage packs data/raw.tar, with its listing
-    (data/raw.json's `files`: path, bytes, sha256, offset) beside it: what preprocess's `prepare` reads."""
-    from pipeline.stages.download import RawTar, pack_directory
+    (data/raw.json) beside it: what preprocess's `prepare` reads."""
+    from pipeline.params import DatasetSpec
+    from pipeline.stages.download import materialise
 
-    writer = RawTar(tar)
-    try:
-        pack_directory(source, writer)
-        files = writer.close()
-    except BaseException:
-        writer.abort()
-        tar.unlink(missing_ok=True)
-        raise
-    fsio.write_json(tar.with_suffix(".json"), {"files": files})
+    spec = DatasetSpec(source=str(source.resolve()), group_pattern=group_pattern)
+    listing = materialise(spec, tar, tar.parent / "downloads", ROOT, params().download)
+    fsio.write_json(tar.with_suffix(".json"), {"group_pattern": group_pattern, **listing})
     return tar
+
+
+def class_files(data: Path) -> list[tuple[str, str]]:
+    """(path relative to `data`, class) of every file in the class folders of a directory, in name order."""
+    from pipeline.stages.download import walk_dataset
+
+    return [(name, name.split("/", 1)[0]) for name, _ in walk_dataset(data)[0] if "/" in name]
 
 
 def rps_sample(
@@ -129,12 +131,11 @@ def rps_sample(
 
     from pipeline.images import load_array
     from pipeline.splitting import assign_splits, group_of
-    from pipeline.stages.preprocess import list_files
-
-    files = list_files(data)
+    files = class_files(data)
     classes = sorted({label for _, label in files})
     labels = np.array([classes.index(label) for _, label in files])
-    pattern = re.compile(settings.group_pattern) if settings.group_pattern else None
+    group_pattern = params().data.datasets["rps"].group_pattern
+    pattern = re.compile(group_pattern) if group_pattern else None
     groups = [group_of(path, pattern) for path, _ in files]
     total = sum(counts.values())
     split_of = assign_splits(labels, groups, {s: counts.get(s, 0) / total for s in SPLITS}, seed, classes)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bench import common
-from pipeline.stages.preprocess import list_files, prepare
+from pipeline.stages.preprocess import prepare
 
 
 def naive(files: list[Path], out: Path, size: int, fmt: str) -> dict[str, float]:
@@ -50,7 +50,7 @@ def main() -> None:
 
     params = common.params()
     settings = params.preprocess.model_copy(update={"image_size": args.image_size})
-    files = [args.data / path for path, _ in list_files(args.data)]
+    files = [args.data / path for path, _ in common.class_files(args.data)]
     for path in files:
         path.read_bytes()
     seconds: dict[str, list[float]] = {}
@@ -58,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         # prepare reads the tar the download stage writes (packed here, untimed, and read once); the naive
         # loop reads the class folders.
-        raw = common.raw_tar(args.data, Path(tmp) / "raw.tar")
+        raw = common.raw_tar(args.data, Path(tmp) / "raw.tar", params.data.datasets["rps"].group_pattern)
         raw.read_bytes()
         arms = {
             "prepare": lambda out: prepare(raw, out, settings, params.seed),

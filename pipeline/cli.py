@@ -8,9 +8,11 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.errors import UserError
 
@@ -22,6 +24,31 @@ def run(main: Callable[[], None]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Outputs are written through temporaries (fsio), removed on the way out: nothing half-written stays.
+        where = exc.filename or f"under {Path.cwd()}"
+        print(f"error: no space left on the device writing {where}: free some space and run again", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_inputs(stage: str, dvc_yaml: Path) -> None:
+    """Every output of another stage that dvc.yaml lists as this stage's dependency exists, else one line
+    naming it and the stage that writes it: a stage run by hand before its inputs exist must not fail deep inside."""
+    if not dvc_yaml.is_file():
+        return
+    import yaml
+
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    writer = {
+        out if isinstance(out, str) else next(iter(out)): name
+        for name, spec in stages.items()
+        for out in spec.get("outs", [])
+    }
+    for dep in stages.get(stage, {}).get("deps", []):
+        if dep in writer and not Path(dep).exists():
+            raise UserError(f"{dep} is missing: run `dvc repro {writer[dep]}` first (it writes {dep})")
 
 
 def stage(name: str, *, trains: bool = True) -> Callable[[Callable[..., None]], Callable[[], None]]:
@@ -33,10 +60,11 @@ def stage(name: str, *, trains: bool = True) -> Callable[[Callable[..., None]], 
     """
     def wrap(body: Callable[..., None]) -> Callable[[], None]:
         def main() -> None:
-            from pipeline import device, tracking
+            from pipeline import device, paths, tracking
             from pipeline.params import load_params
 
             params = load_params()
+            check_inputs(name, paths.DVC_YAML)
             info = device.configure_training(params.train) if trains else device.cpu_only()
             with tracking.stage_run(name, params, info) as stage_run:
                 body(params, stage_run)

@@ -1,4 +1,9 @@
-"""Getting bytes from elsewhere: resumable, verified HTTP downloads, safe archive reading and extraction."""
+"""Getting bytes from elsewhere: resumable, verified HTTP downloads and archives read in place.
+
+Neither the server nor the archive is trusted: `DownloadParams` bounds a body's size, a transfer's
+pace and a download's total time, and an archive's entries, extracted size and compression ratio;
+archive members may not escape their folder or be links or devices.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +11,7 @@ import http.client
 import logging
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import time
@@ -13,19 +19,22 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.params import parse_checksum
+from pipeline.params import DownloadParams, parse_checksum
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _CHUNK = 1 << 20
+_RATIO_CHECKED_FROM = 100_000_000  # below this, text and the like may well compress past the ratio
+_CONTENT_RANGE = re.compile(r"bytes (?P<start>\d+)-\d+/(?P<total>\d+|\*)")
+_Entry = TypeVar("_Entry", tarfile.TarInfo, zipfile.ZipInfo)  # one line of an archive's listing
 
 
 # What a damaged archive raises, from the container or the compression under it.
@@ -33,7 +42,7 @@ _BROKEN = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 class DownloadError(UserError):
-    """A download failed for good (HTTP 4xx, checksum mismatch, retries exhausted)."""
+    """A download failed for good (HTTP 4xx, checksum mismatch, too large, retries or deadline exhausted)."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -55,63 +64,148 @@ def verify(path: Path, checksum: str | None, what: str) -> str:
     return sha256
 
 
-def _expected_total(response: http.client.HTTPResponse, offset: int) -> int | None:
-    """Bytes the finished file must have, from Content-Range (resumed) or Content-Length."""
-    content_range = response.headers.get("Content-Range", "")
-    if "/" in content_range and not content_range.endswith("/*"):
-        return int(content_range.rsplit("/", 1)[1])
-    length = response.headers.get("Content-Length")
-    return offset + int(length) if length is not None else None
+def _content_range(header: str | None) -> tuple[int, int | None] | None:
+    """(first byte, total or None for '*') of `Content-Range: bytes START-END/TOTAL`; None when unparsable."""
+    match = _CONTENT_RANGE.fullmatch((header or "").strip())
+    if match is None:
+        return None
+    return int(match["start"]), None if match["total"] == "*" else int(match["total"])
 
 
-def _transfer(url: str, part: Path, timeout: float) -> None:
-    """Append the rest of `url` to `part`; raise on any short or failed transfer."""
+def _body_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:
+    """(byte of the file the body starts at, size of the whole file) as announced.
+
+    The start is None for a 206 without a parsable Content-Range; the size is None when no header says.
+    """
+    length = response.length  # Content-Length as http.client parsed it: None when absent or invalid
+    if response.status != 206:
+        return 0, length
+    parsed = _content_range(response.headers.get("Content-Range"))
+    if parsed is None:
+        return None, None
+    start, total = parsed
+    return start, total if total is not None or length is None else start + length
+
+
+class _TooLarge(DownloadError):
+    """A body over download.max_download_bytes: not retried, and its partial file is deleted."""
+
+
+def _max_download(limits: DownloadParams) -> str:
+    return f"download.max_download_bytes ({limits.max_download_bytes:,})"
+
+
+class _Stalled(ConnectionError):
+    """A transfer too slow to wait on: retried, with resume, like a dropped connection."""
+
+
+def _stalled(limits: DownloadParams) -> _Stalled:
+    return _Stalled(
+        f"stalled: under {limits.min_bytes_per_second} bytes/s over {limits.stall_seconds:g} s "
+        "(download.min_bytes_per_second, download.stall_seconds)"
+    )
+
+
+def _blocks(response: http.client.HTTPResponse, limits: DownloadParams) -> Iterator[bytes]:
+    """The body as it arrives; _Stalled once a stall_seconds window averages under min_bytes_per_second.
+
+    read1() returns what has arrived, where read() would wait for a whole block; the socket timeout
+    (stall_seconds) catches a server gone silent, but every byte of a slow drip resets it.
+    """
+    window_start, window_bytes = time.monotonic(), 0
+    while True:
+        try:
+            block = response.read1(_CHUNK)
+        except TimeoutError:
+            raise _stalled(limits) from None
+        if not block:
+            return
+        yield block
+        window_bytes += len(block)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= limits.stall_seconds:
+            if window_bytes < limits.min_bytes_per_second * elapsed:
+                raise _stalled(limits)
+            window_start, window_bytes = time.monotonic(), 0
+
+
+def _check_deadline(url: str, deadline: float, limits: DownloadParams, wait: float = 0) -> None:
+    """A DownloadError if `wait` more seconds would end past `deadline` (a time.monotonic() value)."""
+    if time.monotonic() + wait > deadline:
+        raise DownloadError(
+            f"{url}: not done within download.deadline_seconds ({limits.deadline_seconds:g} s, all attempts "
+            "and waits included)"
+        )
+
+
+def _transfer(url: str, part: Path, limits: DownloadParams, deadline: float) -> None:
+    """Append the rest of `url` to `part`; raise on any short, failed, stalled or oversized transfer."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "image-pipeline/0.1"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=limits.stall_seconds
+        )
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # nothing left to send: the partial file is complete
             return
         raise
     with response:
-        if offset and response.status != 206:  # server ignores Range: start over
-            offset = 0
-        total = _expected_total(response, offset)
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5], leave=False
+        start, total = _body_range(response)
+        if start not in (0, offset):  # a body from elsewhere in the file (or who knows where): never splice it
+            part.unlink(missing_ok=True)
+            content_range = response.headers.get("Content-Range")
+            raise ConnectionError(
+                f"asked for bytes from {offset}, got a 206 with Content-Range {content_range!r}: "
+                "partial file discarded, starting over"
+            )
+        if start != offset:
+            log.warning("%s: asked for bytes from %d, got the whole file: starting over", url, offset)
+        if total is not None and total > limits.max_download_bytes:
+            raise _TooLarge(f"{url}: announces {total:,} bytes, over {_max_download(limits)}")
+        with open(part, "ab" if start else "wb") as out, tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5], leave=False
         ) as bar:
-            for block in iter(lambda: response.read(_CHUNK), b""):
+            for block in _blocks(response, limits):
+                if out.tell() + len(block) > limits.max_download_bytes:
+                    raise _TooLarge(f"{url}: sends more than {_max_download(limits)}")
                 out.write(block)
                 bar.update(len(block))
+                _check_deadline(url, deadline, limits)
     received = part.stat().st_size
     if total is not None and received < total:
         raise ConnectionError(f"connection closed after {received} of {total} bytes")
 
 
-def download(url: str, dest: Path, checksum: str | None = None, retries: int = 4, timeout: float = 60) -> str:
+def download(url: str, dest: Path, checksum: str | None, limits: DownloadParams) -> str:
     """Download `url` to `dest`, resuming `<dest>.part` across retries and runs; return its sha256.
 
-    `dest` appears only complete and verified; a checksum mismatch deletes the partial file.
+    `dest` appears only complete and verified. Drops, stalls and server errors are retried with
+    back-off, within `limits`; a body too large or a checksum mismatch deletes the partial file.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    for attempt in range(retries + 1):
+    deadline = time.monotonic() + limits.deadline_seconds
+    for attempt in range(limits.retries + 1):
         try:
-            _transfer(url, part, timeout)
+            _transfer(url, part, limits, deadline)
             break
+        except _TooLarge:
+            part.unlink(missing_ok=True)
+            raise
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):  # timeouts and rate limits pass
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
             problem: Exception = exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
             problem = exc
-        if attempt == retries:
-            raise DownloadError(f"{url}: failed after {retries + 1} attempts: {problem}")
+        if attempt == limits.retries:
+            raise DownloadError(f"{url}: failed after {attempt + 1} attempts: {problem}")
         wait = min(2**attempt, 30)
-        log.warning("download of %s interrupted (%s); resuming in %ss", url, problem, wait)
+        _check_deadline(url, deadline, limits, wait)  # no point waiting for a retry that cannot finish
+        log.warning("download of %s interrupted (%s); retrying in %ss", url, problem, wait)
         time.sleep(wait)
     try:
         sha256 = verify(part, checksum, url)
@@ -181,9 +275,38 @@ def _refuse(archive: Path, name: str, kind: str) -> UserError:
     return UserError(f"{archive}: member {name!r} is a {kind}: refused (only plain files and folders are read)")
 
 
-def _tar_members(archive: Path, only: str | None) -> Iterator[Member]:
+def _bounded(
+    archive: Path, entries: Iterable[_Entry], size: Callable[[_Entry], int], limits: DownloadParams | None
+) -> Iterator[_Entry]:
+    """`entries`, each checked before its data is read: count, running total of sizes, expansion ratio.
+
+    Every entry counts, inside `only` or not (a tar stream decompresses those it skips). Declared sizes
+    are what comes out: zipfile stops at file_size and checks the CRC; a tar header's size is exact.
+    """
+    if limits is None:
+        yield from entries
+        return
+    archive_bytes = archive.stat().st_size
+    total = 0
+    for count, entry in enumerate(entries, 1):
+        total += size(entry)
+        if count > limits.max_members:
+            raise _bomb(archive, f"over {limits.max_members:,} entries", "max_members")
+        if total > limits.max_extracted_bytes:
+            raise _bomb(archive, f"members over {limits.max_extracted_bytes:,} bytes", "max_extracted_bytes")
+        if total > _RATIO_CHECKED_FROM and total > limits.max_compression_ratio * archive_bytes:
+            ratio = f"members over {limits.max_compression_ratio:g} times its {archive_bytes:,} bytes"
+            raise _bomb(archive, ratio, "max_compression_ratio")
+        yield entry
+
+
+def _bomb(archive: Path, what: str, key: str) -> UserError:
+    return UserError(f"{archive}: {what} (download.{key}): refused as a possible archive bomb")
+
+
+def _tar_members(archive: Path, only: str | None, limits: DownloadParams | None) -> Iterator[Member]:
     with tarfile.open(archive, "r|*") as bundle:  # a stream: read once, front to back, nothing unpacked
-        for info in bundle:
+        for info in _bounded(archive, bundle, lambda info: info.size, limits):
             name = _relative(archive, info.name, only)
             if name is None:
                 continue
@@ -195,9 +318,10 @@ def _tar_members(archive: Path, only: str | None) -> Iterator[Member]:
                 raise _refuse(archive, info.name, "link" if info.issym() or info.islnk() else "device or pipe")
 
 
-def _zip_members(archive: Path, only: str | None) -> Iterator[Member]:
+def _zip_members(archive: Path, only: str | None, limits: DownloadParams | None) -> Iterator[Member]:
     with zipfile.ZipFile(archive) as bundle:
-        for info in bundle.infolist():
+        # The whole listing is known up front: check it all before the first member is read.
+        for info in list(_bounded(archive, bundle.infolist(), lambda info: info.file_size, limits)):
             name = _relative(archive, info.filename, only)
             if name is None:
                 continue
@@ -213,19 +337,20 @@ def _zip_members(archive: Path, only: str | None) -> Iterator[Member]:
                     yield Member(name, info.file_size, _Guarded(stream, archive, info.filename))
 
 
-def members(archive: Path, only: str | None = None) -> Iterator[Member]:
+def members(archive: Path, only: str | None = None, limits: DownloadParams | None = None) -> Iterator[Member]:
     """The folders and files of a zip or tar archive (only those under folder `only`), read in place.
 
     Nothing is unpacked to disk: each file is read from the archive as it is reached. Refused: absolute
-    names, '..' out of the root, links, devices and pipes.
+    names, '..' out of the root, links, devices and pipes, and, given `limits`, an archive over its
+    member count, total size or compression ratio (None: no bounds, for archives we made ourselves).
     """
     only = only.strip("/") if only else None
     try:
         # tar first: is_zipfile() also accepts a plain tar whose last member happens to be a zip.
         if tarfile.is_tarfile(archive):
-            yield from _tar_members(archive, only)
+            yield from _tar_members(archive, only, limits)
         elif zipfile.is_zipfile(archive):
-            yield from _zip_members(archive, only)
+            yield from _zip_members(archive, only, limits)
         else:
             raise UserError(f"{archive}: not a zip or tar archive")
     except _BROKEN as exc:

@@ -1,20 +1,68 @@
-"""Atomic outputs: an interrupted stage leaves either the old complete output or none, never half."""
+"""Atomic outputs: an interrupted stage leaves either the old complete output or none, never half.
+
+A temporary is named `.<target>.<pid>.<random>.tmp` beside its target. A stage killed outright (kill -9,
+power loss) cannot clean up, so the next write of the same target removes the temporaries of processes
+that no longer run; those of a live process (a parallel `dvc exp run`) are left alone.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFLNK: "symlink",
+}
+
+
+def file_kind(mode: int) -> str:
+    """'fifo', 'character device', ... for an st_mode that is not a regular file's."""
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove the temporaries of `target` left by processes that are gone; return what was removed."""
+    owned = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp(\..+)?")
+    removed = []
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        match = owned.fullmatch(entry.name)
+        if match and not process_alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
+
 
 def _sibling_tmp(target: Path, kind: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
     maker = tempfile.mkdtemp if kind == "dir" else tempfile.mkstemp
-    made = maker(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    made = maker(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     if kind == "file":
         os.close(made[0])
         made = made[1]

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ResizeMode = Literal["stretch", "pad", "center_crop"]
+from pipeline import fsio
+from pipeline.params import ResizeMode
+
 # A file's path, its whole content, or a seekable binary stream holding just the file (read from its start).
 ImageSource = Path | str | bytes | bytearray | memoryview | BinaryIO
 _WHITE = (255, 255, 255)
+# The only Pillow plugins allowed to parse a file: plain raster formats. Any other (EPS runs Ghostscript,
+# and dozens of rarely used parsers) never sees the bytes. JPEG's opener also yields MPO (camera JPEGs);
+# PPM covers PBM/PGM/PNM; DIB is a BMP without its file header.
+ALLOWED = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM")
 
 
 class BadImage(Exception):
@@ -55,10 +63,48 @@ def _opened(source: ImageSource) -> tuple[Path | BinaryIO, int]:
         return io.BytesIO(source), memoryview(source).nbytes
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return path, path.stat().st_size
+        info = path.stat()  # follows symlinks: a link to /dev/zero is a character device
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end it
+            raise BadImage(f"not a regular file ({fsio.file_kind(info.st_mode)})")
+        return path, info.st_size
     size = source.seek(0, io.SEEK_END)
     source.seek(0)  # Image.open reads a stream from its start anyway
     return source, size
+
+
+@contextmanager
+def _without_pillow_limit() -> Iterator[None]:
+    """Turn off Pillow's own decompression-bomb check for one block, then put it back.
+
+    It is a module global (MAX_IMAGE_PIXELS, ~89 MP) that fires inside Image.open, before the caller's
+    max_pixels is checked: a higher max_pixels could never take effect. Not thread-safe: decoding is one
+    image at a time per process (predict's loop, preprocess's worker pool).
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refused_format(opened: Path | BinaryIO) -> str | None:
+    """The format any Pillow plugin recognises the file as, from its header: open() parses, never decodes."""
+    try:
+        with Image.open(opened) as image:
+            return image.format
+    except Exception:
+        return None
+
+
+def _open_allowed(opened: Path | BinaryIO) -> Image.Image:
+    try:
+        return Image.open(opened, formats=ALLOWED)
+    except UnidentifiedImageError:
+        refused = _refused_format(opened)
+        if refused is None:
+            raise BadImage("not an image: no decoder recognises the file") from None
+        raise BadImage(f"format not allowed: {refused} (allowed: {', '.join(ALLOWED)})") from None
 
 
 def load_rgb(source: ImageSource, *, max_pixels: int, min_size: int = 1, draft: int | None = None) -> Image.Image:
@@ -72,30 +118,24 @@ def load_rgb(source: ImageSource, *, max_pixels: int, min_size: int = 1, draft: 
     if size == 0:
         raise BadImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opened) as image:
-                width, height = image.size  # from the header: nothing decoded yet
-                if width * height > max_pixels:
-                    raise BadImage(
-                        f"decompression bomb: {width}x{height} = {width * height} px > max_pixels {max_pixels}"
-                    )
-                if min(width, height) < min_size:
-                    raise BadImage(f"too small: {width}x{height}, shorter side < min_size {min_size}")
-                if draft and image.format == "JPEG":
-                    image.draft("RGB", (draft, draft))
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+        # max_pixels is the only limit, checked on the header's size, which bounds what decoding the first
+        # (only) frame allocates.
+        with _without_pillow_limit(), _open_allowed(opened) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > max_pixels {max_pixels}")
+            if min(width, height) < min_size:
+                raise BadImage(f"too small: {width}x{height}, shorter side < min_size {min_size}")
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
     except BadImage:
         raise
-    except UnidentifiedImageError:
-        raise BadImage("not an image: no decoder recognises the file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb: {exc}") from None
     except OSError as exc:
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise BadImage(f"{kind}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad file
+    except Exception as exc:
         raise BadImage(f"corrupt: {type(exc).__name__}: {exc}") from None
 
 

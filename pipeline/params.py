@@ -22,11 +22,11 @@ from pydantic import (
 )
 
 from pipeline.errors import UserError
+from pipeline.models.catalog import BACKBONES
 
 SPLITS = ("train", "val", "test")
+ResizeMode = Literal["stretch", "pad", "center_crop"]  # how pipeline/images.py fits a photo into a square
 BASELINE_MODELS = ("random_forest", "logistic", "mlp", "mnist_cnn", "cnn3_small", "cnn1", "cnn3", "cnn3v2")
-# keras.applications constructors we know how to call with include_top=False.
-BACKBONES = ("xception", "vgg16", "resnet50v2", "mobilenetv2", "efficientnetb0", "inceptionv3", "densenet121")
 
 
 class ParamsError(UserError):
@@ -110,6 +110,21 @@ class DatasetSpec(ArchiveSettings):
     mirrors: list[MirrorSpec] = Field(
         default_factory=list, description="local copies tried before the source: a path, or {path, checksum, subdir}"
     )
+    group_pattern: str | None = Field(
+        None, description="regex on the file name, group 1 names the shot (frames of a burst); null = every file its own"
+    )
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compiled = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc}); got {value!r}") from None
+            if compiled.groups < 1:
+                raise ValueError("needs one capture group naming the shot, e.g. '^(.+?)(?:_\\d+)?\\.\\w+$'")
+        return value
 
     def archive_settings(self, mirror: MirrorSpec | None = None) -> tuple[str | None, str | None]:
         """(checksum, subdir) that apply to the source, or to `mirror`: its own where it gives them."""
@@ -136,6 +151,21 @@ class DataParams(Section):
         return self.datasets[self.dataset]
 
 
+class DownloadParams(Section):
+    """Bounds on what the download stage accepts from servers and archives it does not control."""
+
+    max_download_bytes: int = Field(gt=0, description="largest HTTP body accepted, announced or not")
+    max_extracted_bytes: int = Field(gt=0, description="largest total of an archive's member sizes")
+    max_members: int = Field(gt=0, description="most entries (files and folders) an archive may hold")
+    max_compression_ratio: float = Field(
+        gt=1, description="extracted bytes / archive bytes above which an archive is a bomb (checked past 100 MB)"
+    )
+    stall_seconds: float = Field(gt=0, description="window over which a download must average min_bytes_per_second")
+    min_bytes_per_second: int = Field(ge=1)
+    deadline_seconds: float = Field(gt=0, description="one file's download, all attempts and waits together")
+    retries: int = Field(ge=0, le=20, description="attempts after the first for a broken or stalled transfer")
+
+
 class SplitFractions(Section):
     train: float = Field(gt=0, lt=1)
     val: float = Field(ge=0, lt=1)
@@ -154,25 +184,12 @@ class SplitFractions(Section):
 
 class PreprocessParams(Section):
     image_size: int = Field(ge=8, le=1024)
-    resize: Literal["stretch", "pad", "center_crop"]
+    resize: ResizeMode
     min_size: int = Field(ge=1, description="shorter side, in px, below which an image is quarantined")
     max_pixels: int = Field(gt=0, description="width*height above which a file is a decompression bomb")
     splits: SplitFractions
-    group_pattern: str | None = Field(description="regex on the file name; group 1 names the shot")
     min_per_class: int = Field(ge=1, description="classes with fewer good images are dropped with a warning")
     workers: int = Field(ge=0, description="decoding processes; 0 = auto (one per core from 4,000 files)")
-
-    @field_validator("group_pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                compiled = re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression ({exc}); got {value!r}") from None
-            if compiled.groups < 1:
-                raise ValueError("needs one capture group naming the shot, e.g. '^(.+?)(?:_\\d+)?\\.\\w+$'")
-        return value
 
 
 class AugmentParams(Section):
@@ -260,7 +277,7 @@ class TuneParams(Section):
 
 
 class TransferParams(Section):
-    backbone: Literal[BACKBONES]  # type: ignore[valid-type]
+    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
     weights: str = Field(min_length=1, description="imagenet, none, or a path to a weights file")
     weights_mirrors: dict[str, list[str]] = Field(
         default_factory=dict, description="backbone -> local copies of its ImageNet weights, tried first"
@@ -286,8 +303,9 @@ class MlflowParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1, description="numpy, TensorFlow and Keras take 32-bit seeds")
     data: DataParams
+    download: DownloadParams
     preprocess: PreprocessParams
     augment: AugmentParams
     train: TrainParams

@@ -3,8 +3,9 @@
     python -m pipeline.predict --model data/models/champion.keras IMAGE_OR_DIR...
 
 Each image is decoded and resized exactly as preprocess did for the model's training data (its
-.json says how). A file that cannot be read gets a line with its `error`; the others are still
-predicted, and the exit status is 1 when any file failed (2 when the model itself cannot be used).
+.json says how). A file that cannot be read (or is not a regular file: a FIFO, a device) gets a line
+with its `error`; the others are still predicted. The exit status is 1 when any file failed or a
+directory held nothing to read, 2 when the model itself cannot be used.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from pipeline.images import BadImage, load_array
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, preprocess's default too
 
 
-def expand(targets: Iterable[str]) -> Iterator[Path]:
-    """Files as given; directories walked recursively in name order; missing paths passed on to fail."""
-    for target in map(Path, targets):
-        if target.is_dir():
-            yield from sorted(p for p in target.rglob("*") if p.is_file())
-        else:
-            yield target
+def expand(target: str) -> list[Path]:
+    """A path as given (a missing one is passed on to fail); a directory's entries, walked recursively in
+    name order: all but directories, so a FIFO or a device in there gets its error line rather than a skip."""
+    path = Path(target)
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*") if not p.is_dir())
 
 
 def top_k(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
@@ -78,8 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.models import saved
 
     model = saved.load(args.model)
+    listings = [(target, expand(target)) for target in args.images]
     failed = 0
-    for line in predict_files(model, expand(args.images), args.top_k):
+    for target, files in listings:
+        if not files:  # otherwise nothing at all is printed and the run looks like a success
+            print(f"error: no image files under {target}", file=sys.stderr)
+            failed += 1
+    for line in predict_files(model, [path for _, files in listings for path in files], args.top_k):
         failed += "error" in line
         print(json.dumps(line), flush=True)
     return 1 if failed else 0

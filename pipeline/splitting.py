@@ -16,6 +16,40 @@ def group_of(path: str, pattern: re.Pattern[str] | None) -> str:
     return path if match is None else f"{path.rsplit('/', 1)[0]}/{match.group(1)}"
 
 
+def merge_duplicates(groups: list[str], digests: list[str]) -> list[str]:
+    """Each file's group, where files with the same bytes share one (the smallest of their groups'), so
+    that a copy under another name can never sit in another split."""
+    parent: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while parent.get(group, group) != group:
+            group = parent[group]
+        return group
+
+    first: dict[str, str] = {}
+    for group, digest in zip(groups, digests):
+        a, b = root(first.setdefault(digest, group)), root(group)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root(group) for group in groups]
+
+
+# A split whose share of the images is further than this from its target is warned about: a file-name
+# pattern that groups far too much (one shot per class) must not pass as a split.
+SHARE_TOLERANCE = 0.10
+
+
+def share_warnings(counts: dict[str, int], fractions: dict[str, float]) -> list[str]:
+    """One line per split whose share of the images misses its target by more than SHARE_TOLERANCE."""
+    total = sum(counts.values())
+    return [
+        f"split {name!r} holds {counts[name]} of {total} images ({counts[name] / total:.0%}), "
+        f"target {fractions[name]:.0%}: check the dataset's group_pattern (are whole classes one shot?)"
+        for name in SPLITS
+        if abs(counts[name] / total - fractions[name]) > SHARE_TOLERANCE
+    ]
+
+
 def assign_splits(
     labels: np.ndarray, groups: list[str], fractions: dict[str, float], seed: int, classes: list[str]
 ) -> np.ndarray:

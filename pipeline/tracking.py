@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +24,12 @@ import yaml
 
 from pipeline import fsio, paths
 from pipeline.device import DeviceInfo, host_tags
+from pipeline.errors import UserError
 from pipeline.params import Params
+
+# A stage waits this long for an HTTP tracking server before saying it is unreachable (MLflow's own
+# client retries for minutes, then fails with a traceback).
+SERVER_PROBE_SECONDS = 10
 
 
 def tracking_uri(params: Params) -> str:
@@ -91,6 +99,9 @@ def run_tags(stage: str, values: Mapping[str, Any], device: DeviceInfo) -> dict[
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "params.hash": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16],
+        # Which process wrote the run: a run still RUNNING whose process is gone was killed (see close_orphans).
+        "process.host": socket.gethostname(),
+        "process.pid": str(os.getpid()),
         **device.tags(),
         **host_tags(),
     }
@@ -150,11 +161,45 @@ class StageRun:
             yield child.info.run_id
 
 
+def check_reachable(uri: str) -> None:
+    """An HTTP tracking server must answer its health check within seconds, else one clear line."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_SECONDS):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or set mlflow.tracking_uri "
+            "(or MLFLOW_TRACKING_URI) to a server that runs"
+        ) from None
+
+
+def close_orphans(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs this machine started whose process is gone but which still say RUNNING (a stage
+    killed by kill -9 or a power cut cannot end its own run); return their ids."""
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'", max_results=1000
+    )
+    orphans = [run for run in running if not fsio.process_alive(int(run.data.tags["process.pid"]))]
+    for run in orphans:
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"marked run {run.info.run_id} ({run.info.run_name}) KILLED: its process is gone", file=sys.stderr)
+    return [run.info.run_id for run in orphans]
+
+
 def _experiment_id(client: Any, name: str) -> str:
     """The experiment's id, creating it with artifacts in the workspace's mlruns/ (not the cwd's)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise UserError(
+            f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}) or set mlflow.experiment to another name"
+        )
     if found is not None:
         return found.experiment_id
     location = (paths.workspace_root() / paths.MLRUNS / "artifacts").as_uri()
@@ -175,8 +220,12 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
     with run.timed():
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri(params))
-        experiment_id = _experiment_id(mlflow.MlflowClient(), params.mlflow.experiment)
+        uri = tracking_uri(params)
+        check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        experiment_id = _experiment_id(client, params.mlflow.experiment)
+        close_orphans(client, experiment_id)
         values = stage_params(stage, params)
         run.tags = run_tags(stage, values, device)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run.tags)

@@ -12,6 +12,7 @@ from pipeline.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+DOWNLOAD_LIMITS = load_params(REPO / "params.yaml").download
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB", fmt: str | None = None) -> Path:

@@ -21,7 +21,7 @@ from pipeline.fetch import DownloadError
 from pipeline.params import DatasetSpec
 from pipeline.stages.download import EMPTY_CLASS, materialise
 
-from .conftest import SHARED
+from .conftest import DOWNLOAD_LIMITS, SHARED
 
 ARCHIVE = SHARED / "datasets" / "cifar10_train.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -82,7 +82,7 @@ def dirs(tmp_path, monkeypatch) -> tuple[Path, Path, Path]:
 
 def download(spec: DatasetSpec, dest: Path, scratch: Path, root: Path) -> dict:
     """materialise() and the listing beside the tar, as the download stage leaves them for preprocess."""
-    listing = materialise(spec, dest, scratch, root)
+    listing = materialise(spec, dest, scratch, root, DOWNLOAD_LIMITS)
     fsio.write_json(dest.with_suffix(".json"), listing)
     return listing
 
@@ -104,13 +104,14 @@ def test_slice_downloads_every_class_and_image(params, members, tmp_path, dirs):
     dest, scratch, root = dirs
     archive = write_tar_gz(tmp_path / "slice.tar.gz", members)
 
-    listing = materialise(spec_for(params, archive), dest, scratch, root)
+    listing = materialise(spec_for(params, archive), dest, scratch, root, DOWNLOAD_LIMITS)
 
     assert {k: v for k, v in listing.items() if k not in ("classes", "files")} == {
         "served_by": "mirror",
         "location": str(archive),
         "archive_sha256": sha256_of(archive),
         "ignored": [],
+        "renamed": [],
     }
     expected = {name.removeprefix("cifar10_train/"): data for name, data in members.items()}
     assert tree_of(dest) == expected
@@ -150,12 +151,12 @@ def test_truncated_archive_is_a_user_error_naming_the_file(params, members, tmp_
 
     # pinned to the complete archive's checksum: refused before unpacking
     with pytest.raises(DownloadError) as caught:
-        materialise(spec_for(params, truncated, checksum=sha256_of(whole)), dest, scratch, root)
+        materialise(spec_for(params, truncated, checksum=sha256_of(whole)), dest, scratch, root, DOWNLOAD_LIMITS)
     assert f"{truncated}: sha256 is {sha256_of(truncated)}, expected {sha256_of(whole)}" in str(caught.value)
 
     # pinned to the truncated bytes themselves (a bad pin): reading the members finds the damage
     with pytest.raises(UserError) as caught:
-        materialise(spec_for(params, truncated), dest, scratch, root)
+        materialise(spec_for(params, truncated), dest, scratch, root, DOWNLOAD_LIMITS)
     assert f"{truncated}: broken archive" in str(caught.value)
 
     assert not dest.exists()
@@ -167,7 +168,7 @@ def test_empty_class_folder_is_reported_not_silently_lost(params, members, tmp_p
     without_frogs = {name: data for name, data in members.items() if "/frog/" not in name}
     archive = write_tar_gz(tmp_path / "hollow.tar.gz", without_frogs, folders=("cifar10_train/frog",))
 
-    listing = materialise(spec_for(params, archive), dest, scratch, root)
+    listing = materialise(spec_for(params, archive), dest, scratch, root, DOWNLOAD_LIMITS)
 
     assert listing["ignored"] == [{"path": "frog", "reason": EMPTY_CLASS}]
     assert listing["classes"] == {c: PER_CLASS for c in CLASSES if c != "frog"}

@@ -6,6 +6,8 @@ import hashlib
 import http.server
 import importlib.util
 import io
+import json
+import os
 import socket
 import tarfile
 import threading
@@ -20,12 +22,26 @@ from PIL import Image
 from pipeline import fetch
 from pipeline.errors import UserError
 from pipeline.fetch import DownloadError
-from pipeline.params import DatasetSpec, MirrorSpec, ParamsError, TransferParams, load_params, validate
-from pipeline.stages.download import KERAS_NOTOP_WEIGHTS, RawTar, materialise, pack_directory, resolve_weights
+from pipeline.models.catalog import BACKBONES
+from pipeline.params import (
+    DatasetSpec,
+    MirrorSpec,
+    ParamsError,
+    TransferParams,
+    load_params,
+    validate,
+)
+from pipeline.stages.download import (
+    RawTar,
+    materialise,
+    pack_directory,
+    resolve_weights,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("paper", "rock", "scissors")
 PER_CLASS = 4
+LIMITS = load_params(REPO / "params.yaml").download
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +83,8 @@ def tree_of(tar: Path) -> dict[str, bytes]:
 
 
 def served_of(record: dict) -> dict:
-    """What materialise() says about who served the data (its listing left out)."""
-    return {k: v for k, v in record.items() if k not in ("classes", "files")}
+    """What materialise() says about who served the data (its listing and renames left out)."""
+    return {k: v for k, v in record.items() if k not in ("classes", "files", "renamed")}
 
 
 def zip_tree(source: Path, archive: Path, prefix: str = "") -> Path:
@@ -138,7 +154,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
         super().do_GET()
 
@@ -168,7 +184,7 @@ def http_dir(tmp_path):
 
 def test_local_directory(photos, dest, scratch, root):
     source, images = photos
-    served = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
+    served = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
 
     assert served_of(served) == {"served_by": "origin", "location": str(source), "ignored": IGNORED}
     assert served["classes"] == dict.fromkeys(CLASSES, PER_CLASS)
@@ -178,7 +194,7 @@ def test_local_directory(photos, dest, scratch, root):
 def test_local_directory_relative_to_root(photos, dest, scratch, root):
     source, images = photos
     source.rename(root / "photos")
-    served = materialise(DatasetSpec(source="photos"), dest, scratch, root)
+    served = materialise(DatasetSpec(source="photos"), dest, scratch, root, LIMITS)
     assert served["location"] == "photos"
     assert tree_of(dest) == images
 
@@ -188,7 +204,7 @@ def test_local_zip_with_subdir(photos, tmp_path, dest, scratch, root):
     archive = zip_tree(source, tmp_path / "rps.zip", prefix="rps-abc123/data/")
     spec = DatasetSpec(source=str(archive), subdir="rps-abc123/data")
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served_of(served) == {
         "served_by": "origin",
@@ -204,7 +220,7 @@ def test_local_zip_without_subdir_sees_the_wrapper_folder(photos, tmp_path, dest
     """Without subdir the archive's top folder is taken as the one class: documented behaviour."""
     source, _ = photos
     archive = zip_tree(source, tmp_path / "rps.zip", prefix="wrapper/")
-    served = materialise(DatasetSpec(source=str(archive)), dest, scratch, root)
+    served = materialise(DatasetSpec(source=str(archive)), dest, scratch, root, LIMITS)
     assert list(served["classes"]) == ["wrapper"]
     assert served["ignored"] == []
 
@@ -213,7 +229,7 @@ def test_local_zip_with_missing_subdir(photos, tmp_path, dest, scratch, root):
     source, _ = photos
     archive = zip_tree(source, tmp_path / "rps.zip", prefix="top/")
     with pytest.raises(UserError, match="has no folder 'nope/data'"):
-        materialise(DatasetSpec(source=str(archive), subdir="nope/data"), dest, scratch, root)
+        materialise(DatasetSpec(source=str(archive), subdir="nope/data"), dest, scratch, root, LIMITS)
     assert not dest.exists()
 
 
@@ -227,7 +243,7 @@ def test_local_tar_gz_with_correct_checksum(photos, tmp_path, dest, scratch, roo
         "md5:": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest(),
     }[form]
 
-    served = materialise(DatasetSpec(source=str(archive), checksum=checksum), dest, scratch, root)
+    served = materialise(DatasetSpec(source=str(archive), checksum=checksum), dest, scratch, root, LIMITS)
 
     assert served["served_by"] == "origin"
     assert served["archive_sha256"] == sha256_of(archive)
@@ -242,7 +258,7 @@ def test_local_archive_with_wrong_checksum(photos, tmp_path, dest, scratch, root
     wrong = "ab" * 32
 
     with pytest.raises(DownloadError) as caught:
-        materialise(DatasetSpec(source=str(archive), checksum=wrong), dest, scratch, root)
+        materialise(DatasetSpec(source=str(archive), checksum=wrong), dest, scratch, root, LIMITS)
 
     message = str(caught.value)
     assert str(archive) in message
@@ -255,12 +271,12 @@ def test_local_file_that_is_not_an_archive(tmp_path, dest, scratch, root):
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
     with pytest.raises(UserError, match="neither a class-per-folder directory nor"):
-        materialise(DatasetSpec(source=str(notes)), dest, scratch, root)
+        materialise(DatasetSpec(source=str(notes)), dest, scratch, root, LIMITS)
 
 
 def test_missing_local_source_names_the_path(dest, scratch, root):
     with pytest.raises(UserError) as caught:
-        materialise(DatasetSpec(source="datasets/absent"), dest, scratch, root)
+        materialise(DatasetSpec(source="datasets/absent"), dest, scratch, root, LIMITS)
     message = str(caught.value)
     assert "'datasets/absent'" in message
     assert str(root / "datasets" / "absent") in message  # resolved against root, not the cwd
@@ -273,7 +289,7 @@ def test_directory_without_class_folders(tmp_path, dest, scratch, root):
     (flat / "a.jpg").write_bytes(b"x")
     (flat / ".hidden").mkdir()
     with pytest.raises(UserError, match="holds no class folders"):
-        materialise(DatasetSpec(source=str(flat)), dest, scratch, root)
+        materialise(DatasetSpec(source=str(flat)), dest, scratch, root, LIMITS)
     assert not dest.exists()
 
 
@@ -297,7 +313,7 @@ def test_remote_archive(photos, http_dir, dest, scratch, root):
     url = f"{base}/rps.zip"
     spec = DatasetSpec(source=url, subdir="rps-main/data")
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served_of(served) == {
         "served_by": "origin",
@@ -317,7 +333,7 @@ def test_remote_archive_with_pinned_checksum(photos, http_dir, dest, scratch, ro
     served_dir, base, _ = http_dir
     archive = tar_tree(source, served_dir / "rps.tar.gz")
     spec = DatasetSpec(source=f"{base}/rps.tar.gz", checksum="sha256:" + sha256_of(archive))
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served["archive_sha256"] == sha256_of(archive)
     assert tree_of(dest) == images
 
@@ -328,7 +344,7 @@ def test_remote_archive_with_wrong_checksum(photos, http_dir, dest, scratch, roo
     archive = zip_tree(source, served_dir / "rps.zip")
     wrong = "md5:" + "0" * 32
     with pytest.raises(DownloadError, match=f"md5 is {hashlib.md5(archive.read_bytes()).hexdigest()}"):
-        materialise(DatasetSpec(source=f"{base}/rps.zip", checksum=wrong), dest, scratch, root)
+        materialise(DatasetSpec(source=f"{base}/rps.zip", checksum=wrong), dest, scratch, root, LIMITS)
     assert list(scratch.iterdir()) == []  # neither the archive nor its .part is kept
     assert not dest.exists()
 
@@ -336,7 +352,7 @@ def test_remote_archive_with_wrong_checksum(photos, http_dir, dest, scratch, roo
 def test_remote_404_is_a_download_error(http_dir, dest, scratch, root, no_sleep):
     _, base, requests = http_dir
     with pytest.raises(DownloadError, match="404"):
-        materialise(DatasetSpec(source=f"{base}/gone.zip"), dest, scratch, root)
+        materialise(DatasetSpec(source=f"{base}/gone.zip"), dest, scratch, root, LIMITS)
     assert requests == ["/gone.zip"]
     assert no_sleep == []
 
@@ -346,7 +362,7 @@ def test_existing_mirror_wins_over_unreachable_origin(photos, dest, scratch, roo
     url = f"http://127.0.0.1:{closed_port()}/x.zip"
     spec = DatasetSpec(source=url, mirrors=[str(source)])
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served_of(served) == {"served_by": "mirror", "location": str(source), "ignored": IGNORED}
     assert tree_of(dest) == images
@@ -363,7 +379,7 @@ def test_first_existing_mirror_is_used(photos, tmp_path, http_dir, dest, scratch
     make_class_tree(other)
     spec = DatasetSpec(source=f"{base}/x.zip", mirrors=[str(missing), str(source), str(other)])
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served["served_by"] == "mirror"
     assert served["location"] == str(source)
@@ -380,7 +396,7 @@ def test_relative_mirror_resolves_against_root(photos, dest, scratch, root):
     assert not (Path.cwd() / "../shared/datasets/rps").exists()
     spec = DatasetSpec(source=f"http://127.0.0.1:{closed_port()}/x.zip", mirrors=["../shared/datasets/rps"])
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served["served_by"] == "mirror"
     assert served["location"] == str(root / "../shared/datasets/rps")
@@ -393,7 +409,7 @@ def test_relative_mirror_missing_under_root_falls_through(photos, dest, scratch,
     source, images = photos
     (Path.cwd() / "mirror").symlink_to(source)
     spec = DatasetSpec(source=str(source), mirrors=["mirror"])
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served["served_by"] == "origin"
     assert tree_of(dest) == images
 
@@ -407,7 +423,7 @@ def test_mirror_archive_is_verified_and_unpacked(photos, tmp_path, dest, scratch
         checksum=sha256_of(archive),
         mirrors=[str(archive)],
     )
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served_of(served) == {
         "served_by": "mirror",
         "location": str(archive),
@@ -439,7 +455,7 @@ def test_mirror_mapping_with_its_own_subdir_and_checksum(photos, tmp_path, dest,
     _, images = photos
     mirror, spec = repacked(photos, tmp_path)
 
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
 
     assert served_of(served) == {
         "served_by": "mirror",
@@ -457,7 +473,7 @@ def test_mirror_mapping_relative_path_resolves_against_root(photos, tmp_path, de
     mirror, spec = repacked(photos, tmp_path)
     mirror.rename(root / "mirror.tar.gz")
     spec = spec.model_copy(update={"mirrors": [spec.mirrors[0].model_copy(update={"path": "mirror.tar.gz"})]})
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served["location"] == str(root / "mirror.tar.gz")
     assert tree_of(dest) == images
 
@@ -469,7 +485,7 @@ def test_mirror_mapping_with_a_wrong_checksum_names_the_file(photos, tmp_path, d
         spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": wrong, "subdir": "mirror_train"}]}
     )
     with pytest.raises(DownloadError) as caught:
-        materialise(spec, dest, scratch, root)
+        materialise(spec, dest, scratch, root, LIMITS)
     assert f"{mirror}: sha256 is {sha256_of(mirror)}, expected {wrong}" in str(caught.value)
     assert not dest.exists()
     assert mirror.exists()
@@ -482,7 +498,7 @@ def test_mirror_mapping_leaving_out_checksum_takes_the_datasets(photos, tmp_path
         spec.model_dump() | {"mirrors": [{"path": str(mirror), "subdir": "mirror_train"}]}
     )
     with pytest.raises(DownloadError, match=f"expected {'cd' * 32}"):
-        materialise(spec, dest, scratch, root)
+        materialise(spec, dest, scratch, root, LIMITS)
 
 
 def test_mirror_mapping_leaving_out_subdir_takes_the_datasets(photos, tmp_path, dest, scratch, root):
@@ -491,7 +507,7 @@ def test_mirror_mapping_leaving_out_subdir_takes_the_datasets(photos, tmp_path, 
         spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": sha256_of(mirror)}]}
     )
     with pytest.raises(UserError, match=r"has no folder 'repo-abc/train' \(data.datasets.\*.subdir\)"):
-        materialise(spec, dest, scratch, root)
+        materialise(spec, dest, scratch, root, LIMITS)
 
 
 def test_mirror_mapping_with_a_wrong_subdir_names_the_mirror_key(photos, tmp_path, dest, scratch, root):
@@ -500,7 +516,7 @@ def test_mirror_mapping_with_a_wrong_subdir_names_the_mirror_key(photos, tmp_pat
         spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": sha256_of(mirror), "subdir": "train"}]}
     )
     with pytest.raises(UserError) as caught:
-        materialise(spec, dest, scratch, root)
+        materialise(spec, dest, scratch, root, LIMITS)
     assert f"{mirror} has no folder 'train' (data.datasets.*.mirrors)" in str(caught.value)
     assert not dest.exists()
 
@@ -511,7 +527,7 @@ def test_mirror_mapping_with_null_checksum_is_unverified_but_recorded(photos, tm
     spec = DatasetSpec.model_validate(
         spec.model_dump() | {"mirrors": [{"path": str(mirror), "checksum": None, "subdir": "mirror_train"}]}
     )
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served["archive_sha256"] == sha256_of(mirror)
     assert tree_of(dest) == images
     assert f"no checksum pinned for {mirror}" in caplog.text
@@ -523,7 +539,7 @@ def test_mirror_mapping_with_only_a_path_is_the_string_form(photos, tmp_path, de
     for mirror in (str(archive), {"path": str(archive)}):
         spec = DatasetSpec(source="https://example.invalid/x.zip", subdir="pkg", checksum=sha256_of(archive), mirrors=[mirror])
         out = dest.with_name("plain.tar" if isinstance(mirror, str) else "mapping.tar")
-        assert materialise(spec, out, scratch, root)["archive_sha256"] == sha256_of(archive)
+        assert materialise(spec, out, scratch, root, LIMITS)["archive_sha256"] == sha256_of(archive)
         assert tree_of(out) == images
 
 
@@ -532,7 +548,7 @@ def test_directory_mirror_refuses_archive_settings(photos, dest, scratch, root, 
     source, _ = photos
     spec = DatasetSpec(source="https://example.invalid/x.zip", mirrors=[{"path": str(source), **given}])
     with pytest.raises(UserError, match=f"mirror {source} is a directory but gives {next(iter(given))}, which only an archive"):
-        materialise(spec, dest, scratch, root)
+        materialise(spec, dest, scratch, root, LIMITS)
     assert not dest.exists()
 
 
@@ -540,7 +556,7 @@ def test_directory_string_mirror_ignores_the_origins_subdir(photos, dest, scratc
     """rps's form: the origin is an archive with a subdir, the mirror the unpacked class folders."""
     source, images = photos
     spec = DatasetSpec(source="https://example.invalid/x.zip", subdir="repo/data", checksum="ab" * 32, mirrors=[str(source)])
-    assert materialise(spec, dest, scratch, root)["served_by"] == "mirror"
+    assert materialise(spec, dest, scratch, root, LIMITS)["served_by"] == "mirror"
     assert tree_of(dest) == images
 
 
@@ -550,7 +566,7 @@ def test_first_existing_of_mixed_mirror_forms(photos, tmp_path, dest, scratch, r
     spec = DatasetSpec.model_validate(
         spec.model_dump() | {"mirrors": [str(tmp_path / "absent"), {"path": str(tmp_path / "absent.tgz")}, *spec.model_dump()["mirrors"]]}
     )
-    served = materialise(spec, dest, scratch, root)
+    served = materialise(spec, dest, scratch, root, LIMITS)
     assert served["location"] == str(mirror)
     assert tree_of(dest) == images
 
@@ -565,7 +581,7 @@ def test_empty_class_folder_is_left_out_and_reported(photos, dest, scratch, root
     (source / "lizard").mkdir()
     (source / "snake" / "nested").mkdir(parents=True)  # folders but no file: still empty
 
-    served = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
+    served = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
 
     assert list(served["classes"]) == list(CLASSES)
     empty = [e for e in served["ignored"] if e["reason"].startswith("empty class folder")]
@@ -578,7 +594,7 @@ def test_empty_class_folder_in_an_archive_is_reported(photos, tmp_path, dest, sc
     source, images = photos
     (source / "lizard").mkdir()
     archive = tar_tree(source, tmp_path / "set.tar.gz", prefix="set/")
-    served = materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root)
+    served = materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root, LIMITS)
     assert {"path": "lizard", "reason": "empty class folder (no files): not a class"} in served["ignored"]
     assert tree_of(dest) == images
 
@@ -588,7 +604,7 @@ def test_only_empty_class_folders_is_an_error(tmp_path, dest, scratch, root):
     (hollow / "a").mkdir(parents=True)
     (hollow / "b").mkdir()
     with pytest.raises(UserError, match="holds no class folders with files"):
-        materialise(DatasetSpec(source=str(hollow)), dest, scratch, root)
+        materialise(DatasetSpec(source=str(hollow)), dest, scratch, root, LIMITS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,7 +682,7 @@ def test_repository_cifar10_entry():
 
 
 def test_sklearn_digits(dest, scratch, root):
-    served = materialise(DatasetSpec(source="sklearn:digits"), dest, scratch, root)
+    served = materialise(DatasetSpec(source="sklearn:digits"), dest, scratch, root, LIMITS)
 
     assert served_of(served) == {"served_by": "origin", "location": "sklearn:digits", "ignored": []}
     assert list(served["classes"]) == [str(d) for d in range(10)]
@@ -694,7 +710,7 @@ def test_sklearn_digits(dest, scratch, root):
 )
 def test_tfds_without_tensorflow_datasets(dest, scratch, root):
     with pytest.raises(UserError) as caught:
-        materialise(DatasetSpec(source="tfds:cats_vs_dogs"), dest, scratch, root)
+        materialise(DatasetSpec(source="tfds:cats_vs_dogs"), dest, scratch, root, LIMITS)
     message = str(caught.value)
     assert ".[tfds]" in message
     assert "tfds:cats_vs_dogs" in message
@@ -708,7 +724,7 @@ def test_tfds_without_tensorflow_datasets(dest, scratch, root):
 
 def test_listing_matches_the_tar(photos, dest, scratch, root):
     source, images = photos
-    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root)
+    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
 
     assert listing["classes"] == {label: PER_CLASS for label in CLASSES}
     assert list(listing["classes"]) == sorted(CLASSES)
@@ -733,12 +749,12 @@ def test_same_directory_gives_byte_identical_tars(photos, tmp_path, scratch, roo
     import os
 
     source, _ = photos
-    first = materialise(DatasetSpec(source=str(source)), tmp_path / "one.tar", scratch, root)
+    first = materialise(DatasetSpec(source=str(source)), tmp_path / "one.tar", scratch, root, LIMITS)
     for path in source.rglob("*"):
         os.utime(path, (1, 1))
         if path.is_file():
             path.chmod(0o600)
-    second = materialise(DatasetSpec(source=str(source)), tmp_path / "two.tar", scratch, root)
+    second = materialise(DatasetSpec(source=str(source)), tmp_path / "two.tar", scratch, root, LIMITS)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     assert first == second
 
@@ -763,7 +779,7 @@ def test_every_source_form_of_one_tree_gives_the_same_tar(photos, tmp_path, scra
         "tgz": DatasetSpec(source=str(reversed_tgz), subdir="set"),
     }.items():
         outputs.append(tmp_path / f"{name}.tar")
-        listing = materialise(spec, outputs[-1], scratch, root)
+        listing = materialise(spec, outputs[-1], scratch, root, LIMITS)
         assert listing["ignored"] == IGNORED
     assert outputs[0].read_bytes() == outputs[1].read_bytes() == outputs[2].read_bytes()
     assert tree_of(outputs[2]) == images  # the last copy of a duplicate wins, as unpacking it would
@@ -780,7 +796,7 @@ def test_nested_uneven_long_and_odd_names(tmp_path, dest, scratch, root):
     (raw / "b" / "3.bin").write_bytes(b"")
     long_name = "é" * 30 + "x" * 120 + ".jpg"  # > 100 bytes and not ASCII: a pax header
     (raw / "b" / long_name).write_bytes(b"long")
-    listing = materialise(DatasetSpec(source=str(raw)), dest, scratch, root)
+    listing = materialise(DatasetSpec(source=str(raw)), dest, scratch, root, LIMITS)
     assert listing["classes"] == {"a": 3, "b": 2}
     assert [(f["path"], f["bytes"], f["sha256"]) for f in listing["files"]] == [
         ("a/1.bin", 3, hashlib.sha256(b"one").hexdigest()),
@@ -811,7 +827,7 @@ def test_broken_archive_leaves_no_tar(photos, tmp_path, dest, scratch, root):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole[: len(whole) * 2 // 3])
     with pytest.raises(UserError, match=f"{cut}: broken archive"):
-        materialise(DatasetSpec(source=str(cut), subdir="set"), dest, scratch, root)
+        materialise(DatasetSpec(source=str(cut), subdir="set"), dest, scratch, root, LIMITS)
     assert not dest.exists()
     assert not [p.name for p in tmp_path.iterdir() if "raw" in p.name]  # no draft or unsorted copy either
 
@@ -825,7 +841,7 @@ def test_archive_with_a_link_is_refused(photos, tmp_path, dest, scratch, root):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         bundle.addfile(link)
     with pytest.raises(UserError, match=r"member 'set/rock/passwd.jpg' is a link: refused"):
-        materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root)
+        materialise(DatasetSpec(source=str(archive), subdir="set"), dest, scratch, root, LIMITS)
     assert not dest.exists()
 
 
@@ -856,12 +872,12 @@ def fake_weights(tmp_path) -> Path:
 def test_params_defaults_are_what_these_tests_assume():
     real = load_params(REPO / "params.yaml").transfer
     assert real.backbone == "xception" and real.weights == "imagenet"
-    assert "xception" in KERAS_NOTOP_WEIGHTS
-    assert "vgg16" not in KERAS_NOTOP_WEIGHTS
+    assert BACKBONES["xception"].notop_weights is not None
+    assert BACKBONES["mobilenetv2"].notop_weights is None
 
 
 def test_weights_none(weights_dir, scratch, root):
-    record = resolve_weights(transfer(weights="none"), weights_dir, scratch, root)
+    record = resolve_weights(transfer(weights="none"), weights_dir, scratch, root, LIMITS)
     assert record == {"backbone": "xception", "weights": "none", "file": None, "served_by": "none"}
     assert list(weights_dir.iterdir()) == []
     assert list(scratch.iterdir()) == []
@@ -872,7 +888,7 @@ def test_weights_path_is_copied_with_its_name(tmp_path, weights_dir, scratch, ro
     given.parent.mkdir()
     given.write_bytes(b"weights!" * 100)
 
-    record = resolve_weights(transfer(weights=str(given)), weights_dir, scratch, root)
+    record = resolve_weights(transfer(weights=str(given)), weights_dir, scratch, root, LIMITS)
 
     assert [p.name for p in weights_dir.iterdir()] == ["model.best.weights.h5"]
     assert (weights_dir / "model.best.weights.h5").read_bytes() == given.read_bytes()
@@ -890,7 +906,7 @@ def test_weights_path_is_copied_with_its_name(tmp_path, weights_dir, scratch, ro
 def test_weights_relative_path_resolves_against_root(weights_dir, scratch, root):
     (root / "w").mkdir()
     (root / "w" / "backbone.h5").write_bytes(b"abc")
-    record = resolve_weights(transfer(weights="w/backbone.h5"), weights_dir, scratch, root)
+    record = resolve_weights(transfer(weights="w/backbone.h5"), weights_dir, scratch, root, LIMITS)
     assert record["served_by"] == "path"
     assert record["location"] == str(root / "w" / "backbone.h5")
     assert (weights_dir / "backbone.h5").read_bytes() == b"abc"
@@ -899,7 +915,7 @@ def test_weights_relative_path_resolves_against_root(weights_dir, scratch, root)
 def test_imagenet_weights_from_mirror(fake_weights, tmp_path, weights_dir, scratch, root, no_sleep):
     params = transfer(weights="imagenet", weights_mirrors={"xception": [str(tmp_path / "absent.h5"), str(fake_weights)]})
 
-    record = resolve_weights(params, weights_dir, scratch, root)
+    record = resolve_weights(params, weights_dir, scratch, root, LIMITS)
 
     copied = weights_dir / fake_weights.name
     assert copied.read_bytes() == fake_weights.read_bytes()
@@ -919,7 +935,7 @@ def test_imagenet_weights_from_mirror(fake_weights, tmp_path, weights_dir, scrat
 def test_imagenet_weights_relative_mirror(fake_weights, weights_dir, scratch, root):
     fake_weights.rename(root / fake_weights.name)
     params = transfer(weights="imagenet", weights_mirrors={"xception": [fake_weights.name]})
-    record = resolve_weights(params, weights_dir, scratch, root)
+    record = resolve_weights(params, weights_dir, scratch, root, LIMITS)
     assert record["served_by"] == "mirror"
     assert record["location"] == str(root / fake_weights.name)
 
@@ -928,24 +944,24 @@ def test_imagenet_weights_mirror_that_is_a_directory_is_skipped(tmp_path, fake_w
     folder = tmp_path / "a-folder.h5"
     folder.mkdir()
     params = transfer(weights="imagenet", weights_mirrors={"xception": [str(folder), str(fake_weights)]})
-    assert resolve_weights(params, weights_dir, scratch, root)["location"] == str(fake_weights)
+    assert resolve_weights(params, weights_dir, scratch, root, LIMITS)["location"] == str(fake_weights)
 
 
 def test_imagenet_weights_unknown_backbone(fake_weights, weights_dir, scratch, root):
-    # a mirror for another backbone does not count
-    params = transfer(backbone="vgg16", weights="imagenet", weights_mirrors={"xception": [str(fake_weights)]})
+    # a mirror for another backbone does not count, and Keras pins no single file for mobilenetv2
+    params = transfer(backbone="mobilenetv2", weights="imagenet", weights_mirrors={"xception": [str(fake_weights)]})
     with pytest.raises(UserError) as caught:
-        resolve_weights(params, weights_dir, scratch, root)
+        resolve_weights(params, weights_dir, scratch, root, LIMITS)
     message = str(caught.value)
-    assert "'vgg16'" in message
-    assert "transfer.weights_mirrors.vgg16" in message
+    assert "'mobilenetv2'" in message
+    assert "transfer.weights_mirrors.mobilenetv2" in message
     assert list(weights_dir.iterdir()) == []
 
 
 def test_missing_weights_path(tmp_path, weights_dir, scratch, root):
     missing = tmp_path / "nowhere.weights.h5"
     with pytest.raises(UserError) as caught:
-        resolve_weights(transfer(weights=str(missing)), weights_dir, scratch, root)
+        resolve_weights(transfer(weights=str(missing)), weights_dir, scratch, root, LIMITS)
     assert str(missing) in str(caught.value)
     assert "is not a file" in str(caught.value)
     assert list(weights_dir.iterdir()) == []
@@ -953,4 +969,68 @@ def test_missing_weights_path(tmp_path, weights_dir, scratch, root):
 
 def test_weights_path_that_is_a_directory(tmp_path, weights_dir, scratch, root):
     with pytest.raises(UserError, match="is not a file"):
-        resolve_weights(transfer(weights=str(tmp_path)), weights_dir, scratch, root)
+        resolve_weights(transfer(weights=str(tmp_path)), weights_dir, scratch, root, LIMITS)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile folders: links out, loops, special files, names that are not UTF-8
+# --------------------------------------------------------------------------------------------
+
+
+def test_links_leading_out_of_the_dataset_are_listed_never_read(photos, tmp_path, dest, scratch, root, caplog):
+    source, images = photos
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(images["rock/rock0.jpg"])  # a readable image: only the link's target gives it away
+    (source / "rock" / "shadow.jpg").symlink_to("/etc/shadow")
+    (source / "rock" / "secret.jpg").symlink_to(secret)
+    (source / "paper" / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    (source / "outside").symlink_to(tmp_path / "elsewhere-class", target_is_directory=True)
+    (source / "rock" / "gone.jpg").symlink_to(source / "rock" / "nothing-here.jpg")
+    (source / "scissors" / "twin.jpg").symlink_to(source / "scissors" / "scissors0.jpg")  # inside: read
+
+    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
+
+    assert tree_of(dest) == images | {"scissors/twin.jpg": images["scissors/scissors0.jpg"]}
+    left_out = {entry["path"]: entry["reason"] for entry in listing["ignored"]}
+    assert left_out == {
+        **{entry["path"]: entry["reason"] for entry in IGNORED},
+        "outside": "symlink outside the dataset: not read",
+        "paper/elsewhere": "symlink outside the dataset: not read",
+        "rock/gone.jpg": "broken symlink: not read",
+        "rock/secret.jpg": "symlink outside the dataset: not read",
+        "rock/shadow.jpg": "symlink outside the dataset: not read",
+    }
+    assert "rock/shadow.jpg: symlink outside the dataset" in caplog.text
+
+
+def test_a_folder_link_loop_is_an_error_naming_the_link_and_writes_nothing(photos, dest, scratch, root):
+    source, _ = photos
+    (source / "rock" / "a").mkdir()
+    (source / "rock" / "b").mkdir()
+    (source / "rock" / "a" / "to_b").symlink_to("../b", target_is_directory=True)
+    (source / "rock" / "b" / "to_a").symlink_to("../a", target_is_directory=True)
+    with pytest.raises(UserError, match=r"rock/a/to_b/to_a: symlink loop"):
+        materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
+    assert not dest.exists()
+
+
+def test_special_files_are_listed_not_opened(photos, dest, scratch, root):
+    """A fifo would block a reader forever, /dev/zero never ends: neither is opened."""
+    source, images = photos
+    os.mkfifo(source / "rock" / "pipe.jpg")
+    (source / "rock" / "zero.jpg").symlink_to("/dev/zero")
+    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
+    assert tree_of(dest) == images
+    reasons = {entry["path"]: entry["reason"] for entry in listing["ignored"]}
+    assert reasons["rock/pipe.jpg"] == "not a regular file (fifo): not read"
+    assert reasons["rock/zero.jpg"] == "symlink outside the dataset: not read"
+
+
+def test_names_that_are_not_utf8_are_renamed_and_listed(photos, dest, scratch, root):
+    source, images = photos
+    odd = os.fsdecode(b"caf\xe9-\xff.jpg")  # Latin-1 bytes, as an old camera or zip tool writes them
+    (source / "rock" / odd).write_bytes(images["rock/rock0.jpg"])
+    listing = materialise(DatasetSpec(source=str(source)), dest, scratch, root, LIMITS)
+    assert listing["renamed"] == [{"path": "rock/caf\\xe9-\\xff.jpg", "reason": "file name is not UTF-8: undecodable bytes written as \\xNN"}]
+    assert tree_of(dest)["rock/caf\\xe9-\\xff.jpg"] == images["rock/rock0.jpg"]
+    json.dumps(listing, ensure_ascii=False).encode("utf-8")  # what DVC, MLflow and JSON readers get: plain UTF-8

@@ -54,12 +54,15 @@ def only_a_docstring(path: Path) -> bool:
 
 
 def closure(start: Path) -> set[Path]:
+    """Modules `start` imports at any depth; not through plumbing, whose own imports serve it alone
+    (params reads the backbone table to validate a name, not to shape an output)."""
     seen, todo = set(), [start]
     while todo:
         path = todo.pop()
         if path not in seen:
             seen.add(path)
-            todo += imported(path)
+            if str(path.relative_to(REPO)) not in PLUMBING:
+                todo += imported(path)
     return seen
 
 

@@ -1,13 +1,17 @@
-"""pipeline.fetch against a real HTTP server on 127.0.0.1: resume, retry, checksums, safe extraction."""
+"""pipeline.fetch against a real HTTP server on 127.0.0.1: resume, retry, checksums, hostile servers and archives."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
+import itertools
 import os
+import re
 import struct
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ import pytest
 from pipeline import fetch
 from pipeline.errors import UserError
 from pipeline.fetch import DownloadError
+from pipeline.params import DownloadParams
 
 # 300 kB of incompressible, deterministic bytes: big enough that a half-written response is
 # clearly partial, small enough to be instant.
@@ -31,14 +36,22 @@ MD5 = hashlib.md5(PAYLOAD).hexdigest()
 # --------------------------------------------------------------------------------------------
 
 
+TICK = 0.05  # seconds between the pieces of a slow response
+
+
 @dataclass
 class ServerState:
     files: dict[str, bytes] = field(default_factory=dict)
     status: dict[str, int] = field(default_factory=dict)  # path -> error status answered instead
+    endless: set[str] = field(default_factory=set)  # paths answered with zeros, no Content-Length, never ending
     cut_short: int = 0  # how many of the next full-body responses are cut in half
+    slow: int = 0  # how many of the next responses send `drip` bytes per TICK
+    drip: int = 16  # bytes per TICK of a slow response; 0: headers, then silence
     honour_range: bool = True
+    bad_range: str | None = None  # a Range answered with a 206 "from_zero", from "elsewhere", or "unlabelled"
     requests: list[dict[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closing: threading.Event = field(default_factory=threading.Event)  # set at teardown: slow senders stop
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -47,15 +60,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         state = self.server.state  # type: ignore[attr-defined]
         with state.lock:
             state.requests.append({"path": self.path, "range": self.headers.get("Range")})
-            cut = state.cut_short > 0
-            if cut:
-                state.cut_short -= 1
+            cut, slow = state.cut_short > 0, state.slow > 0
+            state.cut_short -= cut
+            state.slow -= slow
         if self.path in state.status:
             self.send_error(state.status[self.path])
+            return
+        if self.path in state.endless:
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):  # until the client hangs up
+                while not state.closing.is_set():
+                    self.wfile.write(bytes(1 << 16))
             return
         data = state.files.get(self.path)
         if data is None:
@@ -73,8 +93,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            start = {None: start, "from_zero": 0, "elsewhere": start // 2, "unlabelled": start}[state.bad_range]
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
+            if state.bad_range != "unlabelled":
+                self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
         else:
             self.send_response(200)
         body = data[start:]
@@ -85,8 +107,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
-            return
-        self.wfile.write(body)
+        elif slow:
+            self._trickle(body, state)
+        else:
+            self.wfile.write(body)
+
+    def _trickle(self, body: bytes, state: ServerState) -> None:
+        """`body`, state.drip bytes per TICK, until it is sent, the client hangs up or the test ends."""
+        with contextlib.suppress(ConnectionError):
+            for at in itertools.count(0, state.drip):
+                if at >= len(body) or state.closing.wait(TICK):
+                    return
+                self.wfile.write(body[at : at + state.drip])
 
 
 @dataclass
@@ -112,6 +144,7 @@ def server():
     try:
         yield Server(httpd.state, f"http://127.0.0.1:{httpd.server_address[1]}")  # type: ignore[attr-defined]
     finally:
+        httpd.state.closing.set()  # type: ignore[attr-defined]
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
@@ -123,6 +156,27 @@ def sleeps(monkeypatch) -> list[float]:
     waited: list[float] = []
     monkeypatch.setattr(fetch.time, "sleep", waited.append)
     return waited
+
+
+# Roomy bounds: the tests of one bound tighten it with limits(...).
+LIMITS = DownloadParams(
+    max_download_bytes=10**9,
+    max_extracted_bytes=10**9,
+    max_members=1000,
+    max_compression_ratio=200,
+    stall_seconds=5,
+    min_bytes_per_second=1024,
+    deadline_seconds=60,
+    retries=4,
+)
+# A drip of 16 bytes per TICK (320 B/s) is under this floor, and found out within half a second.
+IMPATIENT = {"stall_seconds": 0.5, "min_bytes_per_second": 10_000}
+# What the slow servers send: 12 s at that drip, so a guard that stops working fails its test, not hangs it.
+SLOW = PAYLOAD[:4000]
+
+
+def limits(**changes) -> DownloadParams:
+    return LIMITS.model_copy(update=changes)
 
 
 def part_of(dest: Path) -> Path:
@@ -138,7 +192,7 @@ def test_full_download(server, tmp_path, sleeps):
     url = server.serve("/data.bin", PAYLOAD)
     dest = tmp_path / "sub" / "data.bin"  # parent is created
 
-    sha = fetch.download(url, dest)
+    sha = fetch.download(url, dest, None, LIMITS)
 
     assert dest.read_bytes() == PAYLOAD
     assert sha == SHA256
@@ -149,8 +203,8 @@ def test_full_download(server, tmp_path, sleeps):
 
 def test_download_with_pinned_sha256_forms(server, tmp_path):
     url = server.serve("/data.bin", PAYLOAD)
-    assert fetch.download(url, tmp_path / "a.bin", SHA256.upper()) == SHA256
-    assert fetch.download(url, tmp_path / "b.bin", f"sha256:{SHA256}") == SHA256
+    assert fetch.download(url, tmp_path / "a.bin", SHA256.upper(), LIMITS) == SHA256
+    assert fetch.download(url, tmp_path / "b.bin", f"sha256:{SHA256}", LIMITS) == SHA256
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == PAYLOAD
 
 
@@ -159,7 +213,7 @@ def test_cut_short_response_is_resumed_with_range(server, tmp_path, sleeps):
     server.state.cut_short = 1
     dest = tmp_path / "data.bin"
 
-    sha = fetch.download(url, dest, SHA256, retries=2)
+    sha = fetch.download(url, dest, SHA256, limits(retries=2))
 
     ranges = [r["range"] for r in server.state.requests]
     assert ranges == [None, f"bytes={HALF}-"]  # the retry continues from the bytes on disk
@@ -174,7 +228,7 @@ def test_every_retry_continues_where_the_last_one_stopped(server, tmp_path, slee
     server.state.cut_short = 2  # the full response and the first resumed one are both cut in half
     dest = tmp_path / "data.bin"
 
-    assert fetch.download(url, dest, SHA256, retries=2) == SHA256
+    assert fetch.download(url, dest, SHA256, limits(retries=2)) == SHA256
 
     quarter = HALF + (len(PAYLOAD) - HALF) // 2
     assert [r["range"] for r in server.state.requests] == [None, f"bytes={HALF}-", f"bytes={quarter}-"]
@@ -188,11 +242,11 @@ def test_failed_run_leaves_the_part_file_for_the_next_run(server, tmp_path, slee
     dest = tmp_path / "data.bin"
 
     with pytest.raises(DownloadError, match="failed after 1 attempts"):
-        fetch.download(url, dest, SHA256, retries=0)
+        fetch.download(url, dest, SHA256, limits(retries=0))
     assert not dest.exists()
     assert part_of(dest).read_bytes() == PAYLOAD[:HALF]
 
-    assert fetch.download(url, dest, SHA256, retries=0) == SHA256  # a later run picks it up
+    assert fetch.download(url, dest, SHA256, limits(retries=0)) == SHA256  # a later run picks it up
     assert [r["range"] for r in server.state.requests] == [None, f"bytes={HALF}-"]
     assert dest.read_bytes() == PAYLOAD
     assert not part_of(dest).exists()
@@ -203,7 +257,7 @@ def test_partial_file_from_an_earlier_run_is_continued(server, tmp_path, sleeps)
     dest = tmp_path / "data.bin"
     part_of(dest).write_bytes(PAYLOAD[:HALF])
 
-    sha = fetch.download(url, dest, SHA256)
+    sha = fetch.download(url, dest, SHA256, LIMITS)
 
     assert [r["range"] for r in server.state.requests] == [f"bytes={HALF}-"]
     assert dest.read_bytes() == PAYLOAD
@@ -218,7 +272,7 @@ def test_complete_partial_file_answered_416_is_accepted(server, tmp_path):
     dest = tmp_path / "data.bin"
     part_of(dest).write_bytes(PAYLOAD)
 
-    assert fetch.download(url, dest, SHA256) == SHA256
+    assert fetch.download(url, dest, SHA256, LIMITS) == SHA256
 
     assert [r["range"] for r in server.state.requests] == [f"bytes={len(PAYLOAD)}-"]
     assert dest.read_bytes() == PAYLOAD
@@ -231,7 +285,7 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     dest = tmp_path / "data.bin"
     part_of(dest).write_bytes(b"stale bytes that must not stay in front")
 
-    assert fetch.download(url, dest, SHA256) == SHA256
+    assert fetch.download(url, dest, SHA256, LIMITS) == SHA256
     assert dest.read_bytes() == PAYLOAD
 
 
@@ -241,7 +295,7 @@ def test_checksum_mismatch_removes_everything(server, tmp_path):
     wrong = "0" * 64
 
     with pytest.raises(DownloadError) as caught:
-        fetch.download(url, dest, wrong)
+        fetch.download(url, dest, wrong, LIMITS)
 
     message = str(caught.value)
     assert "sha256" in message and f"expected {wrong}" in message and SHA256 in message
@@ -254,13 +308,13 @@ def test_checksum_mismatch_removes_everything(server, tmp_path):
 def test_md5_checksum_accepted_and_verified(server, tmp_path):
     url = server.serve("/data.bin", PAYLOAD)
 
-    sha = fetch.download(url, tmp_path / "ok.bin", f"md5:{MD5}")
+    sha = fetch.download(url, tmp_path / "ok.bin", f"md5:{MD5}", LIMITS)
     assert sha == SHA256  # the return value is always the sha256
     assert (tmp_path / "ok.bin").read_bytes() == PAYLOAD
 
     wrong_md5 = "f" * 32
     with pytest.raises(DownloadError, match=f"md5 is {MD5}, expected {wrong_md5}"):
-        fetch.download(url, tmp_path / "bad.bin", f"md5:{wrong_md5}")
+        fetch.download(url, tmp_path / "bad.bin", f"md5:{wrong_md5}", LIMITS)
     assert not (tmp_path / "bad.bin").exists()
     assert not part_of(tmp_path / "bad.bin").exists()
 
@@ -269,7 +323,7 @@ def test_http_404_fails_at_once(server, tmp_path, sleeps):
     dest = tmp_path / "missing.bin"
 
     with pytest.raises(DownloadError, match="404"):
-        fetch.download(server.url("/missing.bin"), dest, retries=3)
+        fetch.download(server.url("/missing.bin"), dest, None, limits(retries=3))
 
     assert len(server.state.requests) == 1
     assert sleeps == []
@@ -281,7 +335,7 @@ def test_server_errors_are_retried_then_reported(server, tmp_path, sleeps):
     server.state.status["/flaky.bin"] = 503
 
     with pytest.raises(DownloadError, match="failed after 3 attempts"):
-        fetch.download(url, tmp_path / "flaky.bin", retries=2)
+        fetch.download(url, tmp_path / "flaky.bin", None, limits(retries=2))
 
     assert len(server.state.requests) == 3
     assert sleeps == [1, 2]  # exponential back-off between attempts
@@ -295,8 +349,121 @@ def test_unreachable_server_is_a_download_error(tmp_path, sleeps):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(DownloadError, match="failed after 2 attempts"):
-        fetch.download(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x.bin", retries=1, timeout=5)
+        fetch.download(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x.bin", None, limits(retries=1))
     assert sleeps == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# download() from hostile or unlucky servers: bounded in size, pace and time; no spliced files
+# --------------------------------------------------------------------------------------------
+
+
+def test_endless_body_is_cut_at_the_limit_and_not_retried(server, tmp_path, sleeps):
+    server.state.endless.add("/endless.bin")
+    url = server.url("/endless.bin")
+    dest = tmp_path / "endless.bin"
+
+    with pytest.raises(DownloadError, match="sends more than download.max_download_bytes") as caught:
+        fetch.download(url, dest, None, limits(max_download_bytes=1_000_000))
+
+    assert url in str(caught.value)
+    assert len(server.state.requests) == 1 and sleeps == []
+    assert not dest.exists() and not part_of(dest).exists()
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["Content-Length", "Content-Range"])
+def test_announced_oversize_body_is_refused_before_reading(server, tmp_path, sleeps, resumed):
+    url = server.serve("/data.bin", PAYLOAD)
+    dest = tmp_path / "data.bin"
+    if resumed:  # the 206 announces the remaining half, and the whole file's size
+        part_of(dest).write_bytes(PAYLOAD[:HALF])
+
+    with pytest.raises(DownloadError, match=f"announces {len(PAYLOAD):,} bytes, over download.max_download_bytes"):
+        fetch.download(url, dest, None, limits(max_download_bytes=200_000))
+
+    assert len(server.state.requests) == 1 and sleeps == []
+    assert not dest.exists() and not part_of(dest).exists()
+
+
+def test_slow_drip_is_retried_from_where_it_stopped(server, tmp_path, sleeps):
+    url = server.serve("/data.bin", SLOW)
+    server.state.slow = 1
+    dest = tmp_path / "data.bin"
+
+    fetch.download(url, dest, None, limits(**IMPATIENT))
+
+    first, second = [r["range"] for r in server.state.requests]
+    assert first is None and 0 < int(re.fullmatch(r"bytes=(\d+)-", second)[1]) < len(SLOW)  # cut off, then resumed
+    assert sleeps == [1]
+    assert dest.read_bytes() == SLOW
+
+
+@pytest.mark.parametrize("drip", [16, 0], ids=["slow drip", "silence"])
+def test_stalling_every_time_fails_saying_so(server, tmp_path, sleeps, drip):
+    url = server.serve("/data.bin", SLOW)
+    server.state.slow, server.state.drip = 99, drip
+    dest = tmp_path / "data.bin"
+
+    with pytest.raises(DownloadError) as caught:
+        fetch.download(url, dest, None, limits(**IMPATIENT, retries=1))
+
+    assert str(caught.value) == (
+        f"{url}: failed after 2 attempts: stalled: under 10000 bytes/s over 0.5 s "
+        "(download.min_bytes_per_second, download.stall_seconds)"
+    )
+    assert sleeps == [1]
+    assert not dest.exists()
+
+
+def test_deadline_counts_every_attempt_and_wait(server, tmp_path, sleeps):
+    url = server.serve("/data.bin", SLOW)
+    server.state.slow = 99
+    dest = tmp_path / "data.bin"
+
+    with pytest.raises(DownloadError, match=r"not done within download.deadline_seconds \(3 s"):
+        fetch.download(url, dest, None, limits(**IMPATIENT, retries=20, deadline_seconds=3))
+
+    # Two stalls of ~0.5 s: the first back-off (1 s) fits in 3 s, the second (2 s) would not.
+    assert len(server.state.requests) == 2 and sleeps == [1]
+    assert part_of(dest).exists()  # kept: a later run resumes it
+
+
+def test_deadline_ends_a_steady_transfer_that_never_finishes(server, tmp_path, sleeps):
+    url = server.serve("/data.bin", SLOW)
+    server.state.slow = 1  # 320 B/s: over this floor, never a stall, but 12 s in all
+    steady = limits(stall_seconds=0.2, min_bytes_per_second=1, deadline_seconds=0.5)
+    started = time.monotonic()
+
+    with pytest.raises(DownloadError, match=r"not done within download.deadline_seconds \(0.5 s"):
+        fetch.download(url, tmp_path / "data.bin", None, steady)
+
+    assert time.monotonic() - started < 5
+    assert len(server.state.requests) == 1 and sleeps == []
+
+
+def test_206_from_byte_zero_rewrites_the_file_from_the_start(server, tmp_path, sleeps, caplog):
+    url = server.serve("/data.bin", PAYLOAD)
+    server.state.bad_range = "from_zero"
+    dest = tmp_path / "data.bin"
+    part_of(dest).write_bytes(PAYLOAD[:HALF])
+
+    assert fetch.download(url, dest, SHA256, LIMITS) == SHA256  # appended, it would be 1.5 payloads
+
+    assert [r["range"] for r in server.state.requests] == [f"bytes={HALF}-"] and sleeps == []
+    assert f"asked for bytes from {HALF}, got the whole file: starting over" in caplog.text
+
+
+@pytest.mark.parametrize("bad_range", ["elsewhere", "unlabelled"])
+def test_206_from_another_byte_discards_the_partial_file_and_starts_over(server, tmp_path, sleeps, caplog, bad_range):
+    url = server.serve("/data.bin", PAYLOAD)
+    server.state.bad_range = bad_range
+    dest = tmp_path / "data.bin"
+    part_of(dest).write_bytes(PAYLOAD[:HALF])
+
+    assert fetch.download(url, dest, SHA256, LIMITS) == SHA256
+
+    assert [r["range"] for r in server.state.requests] == [f"bytes={HALF}-", None] and sleeps == [1]
+    assert "partial file discarded, starting over" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,9 +554,11 @@ def test_file_digest_matches_hashlib(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def read_members(archive: Path, only: str | None = None) -> dict[str, bytes | None]:
+def read_members(
+    archive: Path, only: str | None = None, bounds: DownloadParams | None = None
+) -> dict[str, bytes | None]:
     """name -> bytes (None for a folder), each file read while it is the current member."""
-    return {m.name: (m.stream.read() if m.stream else None) for m in fetch.members(archive, only)}
+    return {m.name: (m.stream.read() if m.stream else None) for m in fetch.members(archive, only, bounds)}
 
 
 @pytest.mark.parametrize("maker,name", [(make_zip, "bundle.zip"), (make_tar, "bundle.tar.gz"), (make_tar, "bundle.tar")])
@@ -486,3 +655,67 @@ def test_members_of_a_non_archive(tmp_path):
     plain.write_text("just some text, not an archive\n" * 20)
     with pytest.raises(UserError, match="not a zip or tar archive"):
         read_members(plain)
+
+
+# --------------------------------------------------------------------------------------------
+# members() with limits: archive bombs are refused before their data is read
+# --------------------------------------------------------------------------------------------
+
+BOMB_BYTES = 150 << 20  # past the 100 MB from which the ratio counts; deflates to ~150 kB in ~0.5 s
+
+
+def make_bomb(path: Path) -> Path:
+    """An archive of one member of BOMB_BYTES zeros, from a sparse file (nothing that size is written)."""
+    zeros = path.with_name("zeros.bin")
+    with open(zeros, "wb") as stream:
+        stream.truncate(BOMB_BYTES)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bundle:
+            bundle.write(zeros, "bomb/zeros.bin")
+    else:
+        with tarfile.open(path, "w:gz") as bundle:
+            bundle.add(zeros, "bomb/zeros.bin")
+    zeros.unlink()
+    return path
+
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_archive_bomb_is_refused_by_its_compression_ratio(tmp_path, params, name):
+    bomb = make_bomb(tmp_path / name)
+    handed_out = []
+
+    with pytest.raises(UserError, match="download.max_compression_ratio") as caught:
+        for member in fetch.members(bomb, "bomb", params.download):  # the defaults in params.yaml
+            handed_out.append(member.name)
+
+    assert handed_out == []  # refused on its header, before a byte of it was inflated
+    assert str(caught.value).startswith(f"{bomb}: members over 200 times its ")
+
+
+@pytest.mark.parametrize("maker,name", [(make_zip, "big.zip"), (make_tar, "big.tar.gz")])
+def test_archive_over_max_extracted_bytes_is_refused(tmp_path, maker, name):
+    archive = maker(tmp_path / name, {"cls/a.bin": bytes(600), "cls/b.bin": bytes(600)})
+
+    with pytest.raises(UserError) as caught:
+        read_members(archive, bounds=limits(max_extracted_bytes=1000))
+
+    assert str(caught.value) == (
+        f"{archive}: members over 1,000 bytes (download.max_extracted_bytes): refused as a possible archive bomb"
+    )
+
+
+@pytest.mark.parametrize("maker,name", [(make_zip, "many.zip"), (make_tar, "many.tar.gz")])
+def test_archive_over_max_members_is_refused_counting_those_outside_only(tmp_path, maker, name):
+    archive = maker(tmp_path / name, ORIGIN_LIKE)  # 4 entries, 2 of them under repo-abc/train
+
+    with pytest.raises(UserError, match=f"^{re.escape(str(archive))}: over 3 entries \\(download.max_members\\)"):
+        read_members(archive, "repo-abc/train", limits(max_members=3))
+    assert len(read_members(archive, "repo-abc/train", limits(max_members=4))) == 2
+
+
+@pytest.mark.parametrize("maker,name", [(make_zip, "fine.zip"), (make_tar, "fine.tar.gz")])
+def test_ordinary_archive_passes_the_default_limits(tmp_path, params, maker, name):
+    tree = {**TREE, "bundle/blank.bin": bytes(1 << 20)}  # ~1000x: the ratio only counts past 100 MB
+    archive = maker(tmp_path / name, tree)
+    assert read_members(archive, bounds=params.download) == tree

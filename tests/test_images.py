@@ -1,13 +1,16 @@
 """Decoding untrusted files: every bad kind gets a reason, every odd-but-valid kind becomes RGB."""
 import io
+import os
+import shlex
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
-from pipeline.images import BadImage, fit, load_array, load_rgb
+from pipeline.images import ALLOWED, BadImage, fit, load_array, load_rgb
 
 from .conftest import write_image
 
@@ -65,6 +68,65 @@ def test_path_bytes_and_stream_decode_alike(tmp_path):
         with open(path, "rb") as stream:
             for source in (data, memoryview(data), io.BytesIO(data), stream):
                 np.testing.assert_array_equal(load_array(source, size=48, resize="pad", max_pixels=LIMIT), expected)
+
+
+@pytest.mark.parametrize("fmt", [*ALLOWED, "MPO"])
+def test_every_allowed_format_decodes(fmt):
+    """Each allowlisted format (JPEG and PNG being the ones the other tests use) still opens; MPO via JPEG's opener."""
+    image = Image.new("RGB", (30, 20), (10, 200, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"save_all": True, "append_images": [image]} if fmt == "MPO" else {}))
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as written:
+        assert written.format == fmt  # really that format, not another one Pillow fell back to
+
+    decoded = load_rgb(data, max_pixels=LIMIT)
+    assert decoded.mode == "RGB" and decoded.size == (30, 20)
+    assert np.abs(np.asarray(decoded, dtype=int)[10, 15] - (10, 200, 30)).max() <= 8  # JPEG/WEBP are lossy
+
+
+# A minimal EPS: enough for Pillow's EPS plugin to recognise it, and to run Ghostscript if it were loaded.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def test_formats_outside_the_allowlist_are_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {shlex.quote(str(marker))}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where gs is: look on PATH again
+    path = tmp_path / "figure.jpg"  # the name does not matter, the bytes do
+    path.write_bytes(EPS)
+
+    for source in (path, EPS, io.BytesIO(EPS)):
+        with pytest.raises(BadImage, match=r"^format not allowed: EPS \(allowed: JPEG, PNG, .*TIFF, PPM\)$"):
+            load_rgb(source, max_pixels=LIMIT)
+    assert not marker.exists()
+
+    # The probe works: Pillow left to itself runs the fake gs on the same file (which then fails to render).
+    with pytest.raises(OSError), Image.open(path) as image:
+        image.load()
+    assert marker.exists()
+
+
+def test_max_pixels_governs_above_and_below_pillows_default():
+    """Pillow refuses > ~89 MP by itself, inside Image.open; preprocess.max_pixels must be the only limit."""
+    default = Image.MAX_IMAGE_PIXELS
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 9_000), 1).save(buffer, format="PNG")  # 90 MP of white: ~30 kB
+    data = buffer.getvalue()
+    assert 10_000 * 9_000 > default
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's check must not even warn
+        image = load_rgb(data, max_pixels=100_000_000)
+    assert image.size == (10_000, 9_000) and image.getpixel((9_999, 8_999)) == (255, 255, 255)
+    del image
+    with pytest.raises(BadImage, match="decompression bomb: 10000x9000 = 90000000 px > max_pixels 1000"):
+        load_rgb(data, max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS == default  # Pillow's global is back, after a success and a refusal
 
 
 def test_a_missing_path_is_an_os_error_not_a_bad_image(tmp_path):

@@ -1,5 +1,7 @@
 """Model builders and saved models: raw uint8 images of any size in, safe round trips on disk."""
+import json
 import os
+import pickle
 
 import keras
 import numpy as np
@@ -40,7 +42,8 @@ def test_normalize_off_feeds_raw_pixel_values():
 def test_save_keras_round_trip_loads_in_safe_mode(tmp_path):
     model = cnn.build("cnn3v2", image_size=32, pixels_size=16, num_classes=3)
     images = uint8_images(4, 30, 45)
-    path = saved.save_keras(model, tmp_path, keras_meta("cnn3v2"))
+    meta = {**keras_meta("cnn3v2"), "kept_epoch": 3, "hyperparameters": {"filters": 16}}  # extra keys pass through
+    path = saved.save_keras(model, tmp_path, meta)
 
     assert path == tmp_path / "cnn3v2.keras"
     assert saved.meta_path(path).is_file()
@@ -48,7 +51,7 @@ def test_save_keras_round_trip_loads_in_safe_mode(tmp_path):
     loaded = saved.load(path)
     assert loaded.is_keras
     assert loaded.classes == CLASSES
-    assert loaded.meta == {**keras_meta("cnn3v2"), "file": "cnn3v2.keras"}
+    assert loaded.meta == {**meta, "file": "cnn3v2.keras"}
     np.testing.assert_allclose(loaded.predict_proba(images), model.predict(images, verbose=0), rtol=1e-6, atol=1e-7)
 
 
@@ -112,6 +115,77 @@ def test_load_rejects_what_is_not_a_saved_model(tmp_path):
         saved.load(model)
 
     # With its .json, a damaged file gets a one-line user error rather than a Keras traceback.
-    saved.meta_path(model).write_text('{"name": "orphan", "classes": ["a"]}')
-    with pytest.raises(UserError, match="cannot load the Keras model"):
+    saved.meta_path(model).write_text(json.dumps(keras_meta("orphan")))
+    with pytest.raises(UserError, match="orphan.keras: cannot load the Keras model"):
         saved.load(model)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"name": "x", "classes": ', "Invalid JSON: EOF while parsing"),
+        ("[1, 2]", "Input should be an object (got [1, 2])"),
+        ("{}", "name: required key is missing; classes: required key is missing; image_size: required"),
+        ({"image_size": 100_000}, "image_size: Input should be less than or equal to 1024 (got 100000)"),
+        ({"image_size": 4}, "image_size: Input should be greater than or equal to 8 (got 4)"),
+        ({"image_size": "32"}, "image_size: Input should be a valid integer (got '32')"),
+        ({"classes": ["a"]}, "classes: List should have at least 2 items"),
+        ({"classes": ["a", "a"]}, "classes: names a class twice (got ['a', 'a'])"),
+        ({"classes": ["a", ""]}, "classes.1: String should have at least 1 character"),
+        ({"classes": ["a", 2]}, "classes.1: Input should be a valid string"),
+        ({"resize": "zoom"}, "resize: Input should be 'stretch', 'pad' or 'center_crop' (got 'zoom')"),
+        ({"name": ""}, "name: String should have at least 1 character"),
+    ],
+    ids=["malformed", "not-a-mapping", "empty", "huge-size", "tiny-size", "size-as-text", "one-class",
+         "twice", "blank-class", "number-class", "resize", "blank-name"],
+)
+def test_metadata_is_validated_with_the_file_and_key_in_one_line(tmp_path, content, message):
+    """Checked before the model file is even opened: a bad .json never reaches Keras or predict's decoder."""
+    path = tmp_path / "x.keras"
+    path.write_bytes(b"never read")
+    text = content if isinstance(content, str) else json.dumps({**keras_meta("x"), **content})
+    saved.meta_path(path).write_text(text)
+    with pytest.raises(UserError) as raised:
+        saved.load(path)
+    assert str(raised.value).startswith(f"{tmp_path / 'x.json'}: {message}")
+    assert "\n" not in str(raised.value)
+
+
+def test_skops_metadata_needs_pixels_size(tmp_path):
+    path = tmp_path / "x.skops"
+    path.write_bytes(b"never read")
+    saved.meta_path(path).write_text(json.dumps(keras_meta("x")))
+    with pytest.raises(UserError, match="x.json: pixels_size: required key is missing"):
+        saved.load(path)
+    saved.meta_path(path).write_text(json.dumps({**keras_meta("x"), "pixels_size": 2}))
+    with pytest.raises(UserError, match="x.json: pixels_size: Input should be greater than or equal to 4"):
+        saved.load(path)
+
+
+@pytest.mark.parametrize("suffix, kind", [(".skops", "skops"), (".keras", "Keras")])
+def test_a_pickle_renamed_as_a_model_is_refused_naming_the_file(tmp_path, suffix, kind):
+    path = tmp_path / f"renamed{suffix}"
+    path.write_bytes(pickle.dumps(FunctionTransformer(os.system)))  # never unpickled, so never run
+    saved.meta_path(path).write_text(json.dumps({**keras_meta("renamed"), "pixels_size": 8}))
+    with pytest.raises(UserError, match=f"renamed\\{suffix}: cannot load the {kind} model"):
+        saved.load(path)
+
+
+def test_metadata_must_fit_the_model_it_describes(tmp_path):
+    """A .json from another model: too few class names would index past the outputs, a wrong pixels_size
+    would feed the estimator the wrong number of features."""
+    images = uint8_images(12, 20, 24)
+    estimator = classic.estimator("logistic", seed=0, trees=1).fit(classic.pixels(images, 8), np.arange(12) % 3)
+    path = saved.save_classic(estimator, tmp_path, {**keras_meta("logistic"), "pixels_size": 8})
+    for change, message in [
+        ({"classes": ["a", "b"]}, "logistic.json does not fit logistic.skops: classes: names 2 classes, the model"),
+        ({"pixels_size": 9}, "logistic.json does not fit logistic.skops: pixels_size: 9 does not make the 192"),
+    ]:
+        saved.meta_path(path).write_text(json.dumps({**keras_meta("logistic"), "pixels_size": 8, **change}))
+        with pytest.raises(UserError, match=message):
+            saved.load(path)
+
+    model = cnn.build("mlp", image_size=32, pixels_size=8, num_classes=3)
+    keras_path = saved.save_keras(model, tmp_path, {**keras_meta("mlp"), "classes": ["a", "b", "c", "d"]})
+    with pytest.raises(UserError, match="mlp.json does not fit mlp.keras: classes: names 4 classes, the model predicts"):
+        saved.load(keras_path)

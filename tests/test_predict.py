@@ -1,5 +1,8 @@
 """predict on real files with a real saved model: one JSON line per input, in order, bad files reported."""
 import json
+import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,11 +115,13 @@ def test_predict_files_keeps_input_order_across_batches(model_path, good, bad):
         np.testing.assert_allclose([by_label[c] for c in CLASSES], row, atol=2e-6)
 
 
-def test_command_line_exit_codes(model_path, good, bad):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "pipeline.predict", *args]
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+def run(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process: a read that blocks (a FIFO, /dev/zero) fails the test instead of hanging it."""
+    command = [sys.executable, "-m", "pipeline.predict", *args]
+    return subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
 
+
+def test_command_line_exit_codes(model_path, good, bad):
     done = run("--model", str(model_path), str(good[0]), str(bad[0]))
     assert done.returncode == 1, done.stderr
     results = lines(done.stdout)
@@ -127,3 +132,62 @@ def test_command_line_exit_codes(model_path, good, bad):
     assert missing.returncode == 2
     assert missing.stdout == ""
     assert missing.stderr.startswith("error: ") and "nope.keras" in missing.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
+def test_only_regular_files_are_read_the_others_get_an_error_line(model_path, tmp_path):
+    folder = tmp_path / "in"
+    photo = write_image(folder / "a.png", seed=1)
+    os.mkfifo(folder / "b.jpg")  # nobody writes to it: opening it for reading would wait forever
+    (folder / "c.jpg").symlink_to("/dev/zero")  # would never reach end of file
+    only_odd = tmp_path / "odd"
+    only_odd.mkdir()
+    os.mkfifo(only_odd / "pipe.png")
+    fifo, zero = tmp_path / "given.jpg", tmp_path / "zero.png"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+
+    done = run("--model", str(model_path), str(folder), str(only_odd), str(fifo), str(zero))
+    assert done.returncode == 1, done.stderr
+    results = lines(done.stdout)
+    paths = [photo, folder / "b.jpg", folder / "c.jpg", only_odd / "pipe.png", fifo, zero]
+    assert [r["path"] for r in results] == list(map(str, paths))
+    assert "label" in results[0]
+    kinds = ["fifo", "character device", "fifo", "fifo", "character device"]
+    assert [r["error"] for r in results[1:]] == [f"not a regular file ({kind})" for kind in kinds]
+    assert "no image files" not in done.stderr  # a folder of odd files is not empty: its lines say why
+
+
+def test_an_empty_directory_is_an_error_not_a_silent_success(model_path, good, tmp_path, capsys):
+    empty, nested = tmp_path / "empty", tmp_path / "nested"
+    empty.mkdir()
+    (nested / "sub" / "deeper").mkdir(parents=True)  # folders only: still nothing to read
+    assert predict.main(["--model", str(model_path), str(empty), str(good[0]), str(nested)]) == 1
+
+    out, err = capsys.readouterr()
+    assert [r["path"] for r in lines(out)] == [str(good[0])]
+    assert err.splitlines() == [f"error: no image files under {empty}", f"error: no image files under {nested}"]
+
+
+@pytest.fixture
+def unusable_models(model_path, tmp_path) -> dict[str, Path]:
+    """A real Keras model whose .json says image_size 100000, and a pickle renamed .skops with a valid .json."""
+    huge = shutil.copy(model_path, tmp_path / "huge.keras")
+    meta = json.loads(saved.meta_path(model_path).read_text())
+    saved.meta_path(Path(huge)).write_text(json.dumps({**meta, "image_size": 100_000}))
+    pickled = tmp_path / "pickled.skops"
+    pickled.write_bytes(pickle.dumps({"not": "a model"}))
+    saved.meta_path(pickled).write_text(json.dumps({**meta, "pixels_size": 8}))
+    return {"image_size": Path(huge), "pickled": pickled}
+
+
+def test_a_model_that_cannot_be_used_exits_2_with_one_line(unusable_models, good):
+    for model, expected in [
+        (unusable_models["image_size"], "huge.json: image_size: Input should be less than or equal to 1024"),
+        (unusable_models["pickled"], "pickled.skops: cannot load the skops model (BadZipFile"),
+    ]:
+        done = run("--model", str(model), str(good[0]))
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert done.stderr.startswith("error: ") and expected in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1  # no traceback

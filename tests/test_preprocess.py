@@ -1,5 +1,6 @@
 """preprocess on real files, read from the download stage's tar: nothing lost, nothing crashes, shots never
 straddle splits, a damaged tar never passes as a shorter dataset."""
+import hashlib
 import os
 import re
 import shutil
@@ -14,8 +15,8 @@ import pytest
 from pipeline import fsio, imageset
 from pipeline.errors import UserError
 from pipeline.images import load_array
-from pipeline.params import DatasetSpec
-from pipeline.splitting import assign_splits, group_of
+from pipeline.params import DatasetSpec, load_params
+from pipeline.splitting import assign_splits, group_of, merge_duplicates, share_warnings
 from pipeline.stages import preprocess
 from pipeline.stages.download import materialise
 from pipeline.stages.preprocess import (
@@ -25,19 +26,22 @@ from pipeline.stages.preprocess import (
     prepare,
 )
 
-from .conftest import REPO, make_dataset, write_image
+from .conftest import DOWNLOAD_LIMITS, REPO, make_dataset, write_image
 
 
 def settings(params, **changes):
     return params.preprocess.model_copy(update={"image_size": 32, "workers": 1, **changes})
 
 
-def packed(folder: Path, where: Path | None = None) -> Path:
+RPS_PATTERN = load_params(REPO / "params.yaml").data.datasets["rps"].group_pattern  # make_dataset names like rps
+
+
+def packed(folder: Path, where: Path | None = None, group_pattern: str | None = RPS_PATTERN) -> Path:
     """`folder` as the download stage leaves it: <where>/raw.tar and its listing raw.json beside it."""
     where = where or folder.parent
     tar = where / "raw.tar"
-    listing = materialise(DatasetSpec(source=str(folder)), tar, where / "downloads", where)
-    fsio.write_json(tar.with_suffix(".json"), listing)
+    listing = materialise(DatasetSpec(source=str(folder)), tar, where / "downloads", where, DOWNLOAD_LIMITS)
+    fsio.write_json(tar.with_suffix(".json"), {"group_pattern": group_pattern, **listing})
     return tar
 
 
@@ -148,7 +152,7 @@ def test_shared_rps_split_keeps_every_shot_in_one_split(tmp_path, params, shared
     # The random frame split (no grouping) scatters the frames of most shots over several splits.
     random_out = tmp_path / "random"
     random_out.mkdir()
-    prepare(raw, random_out, settings(params, workers=2, group_pattern=None), seed=42)
+    prepare(packed(shared_rps, random_out, group_pattern=None), random_out, settings(params, workers=2), seed=42)
     leaked = sum(len(splits) > 1 for splits in shots_in_splits(random_out).values())
     assert leaked > len(seen) / 2
 
@@ -167,13 +171,13 @@ def test_stratified_group_assignment_matches_fractions():
 def test_class_with_too_few_shots_is_a_clear_error(tmp_path, params):
     raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=2)
     shutil.rmtree(raw / "class1")
-    make_dataset(tmp_path / "few", classes=1, shots=2, frames=3)
+    make_dataset(tmp_path / "few", classes=1, shots=2, frames=3, size=(60, 40))  # not copies of class0
     shutil.copytree(tmp_path / "few" / "class0", raw / "class1")
     out = tmp_path / "prepared"
     out.mkdir()
     with pytest.raises(UserError, match=r"class 'class1' has 6 images in 2 group\(s\).*min_per_class=7"):
         prepare(packed(raw), out, settings(params), seed=0)
-    make_dataset(raw.parent / "more", classes=1, shots=3, frames=3)
+    make_dataset(raw.parent / "more", classes=1, shots=3, frames=3, size=(70, 50))
     shutil.copytree(raw.parent / "more" / "class0", raw / "class2")
     metrics, _ = prepare(packed(raw), out, settings(params, min_per_class=7), seed=0)  # class1 dropped
     assert metrics["dropped_classes"] == 1 and metrics["dropped_images"] == 6
@@ -206,13 +210,15 @@ def test_a_member_decodes_as_its_original_file(tmp_path):
     raw = make_dataset(tmp_path / "raw", classes=2, shots=2, frames=2, size=(300, 200))
     write_image(raw / "class0" / "gray.png", mode="L")
     tar = packed(raw)
-    members = list_members(tar)
-    assert [m[0] for m in members] == sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file())
+    members, pattern = list_members(tar)
+    assert pattern.pattern == RPS_PATTERN
+    assert [m.path for m in members] == sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file())
     fd = os.open(tar, os.O_RDONLY)
     try:
-        for path, label, offset, size in members:
+        for path, label, offset, size, sha256 in members:
             data = preprocess.read_member(fd, offset, size)
             assert data == (raw / path).read_bytes() and label == path.split("/")[0]
+            assert sha256 == hashlib.sha256(data).hexdigest()
             np.testing.assert_array_equal(
                 load_array(data, size=64, resize="center_crop", max_pixels=10**8),
                 load_array(raw / path, size=64, resize="center_crop", max_pixels=10**8),
@@ -306,3 +312,76 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
     peak_mb = int(done.stdout.split()[-1]) / 1024
     decoded_mb = 400 * 512 * 512 * 3 / 2**20
     assert peak_mb < 250 < decoded_mb, f"peak {peak_mb:.0f} MB"
+
+
+# --------------------------------------------------------------------------------------------
+# Splits a user's dataset cannot silently ruin: copies, label conflicts, shares far from target
+# --------------------------------------------------------------------------------------------
+
+
+def test_copies_under_other_names_share_a_split_and_are_counted(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=10, frames=1)
+    for shot in range(6):  # the same photo saved twice, under a name of no shot of its own
+        shutil.copyfile(raw / "class0" / f"shot{shot}.jpg", raw / "class0" / f"copy of shot{shot}.jpg")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, quarantined = prepare(packed(raw), out, settings(params), seed=0)
+    assert quarantined == [] and metrics["duplicates"] == 6
+    entries = by_path(out)
+    for shot in range(6):
+        assert entries[f"class0/copy of shot{shot}.jpg"]["split"] == entries[f"class0/shot{shot}.jpg"]["split"]
+
+
+def test_the_same_bytes_under_two_classes_are_quarantined_every_copy(tmp_path, params):
+    raw = make_dataset(tmp_path / "raw", classes=2, shots=4, frames=1)
+    shutil.copyfile(raw / "class0" / "shot0.jpg", raw / "class1" / "mislabelled.jpg")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, quarantined = prepare(packed(raw), out, settings(params), seed=0)
+    assert quarantined == [
+        {"path": "class0/shot0.jpg", "reason": "conflicting labels: the same bytes are class1/mislabelled.jpg"},
+        {"path": "class1/mislabelled.jpg", "reason": "conflicting labels: the same bytes are class0/shot0.jpg"},
+    ]
+    assert metrics["images_out"] == 7
+
+
+def test_camera_names_are_not_shots_without_the_rps_pattern(tmp_path, params):
+    """IMG_0001..IMG_0040: the rps burst pattern would make each class one shot. It belongs to rps only."""
+    raw = tmp_path / "raw"
+    for c in range(2):
+        for i in range(40):
+            write_image(raw / f"class{c}" / f"IMG_{i + 1:04d}.jpg", seed=c * 100 + i)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, _ = prepare(packed(raw, group_pattern=None), out, settings(params), seed=0)
+    assert [metrics["split"][name]["images"] for name in ("train", "val", "test")] == [56, 12, 12]
+    assert metrics["split_warnings"] == []
+    assert params.data.datasets["rps"].group_pattern and not params.data.datasets["cifar10"].group_pattern
+
+
+def test_a_split_far_from_its_share_is_warned_about_in_log_metrics_and_mlflow(tmp_path, params):
+    """The rps pattern on camera names: each class a handful of "shots" of 10 frames, so the shares miss."""
+    raw = tmp_path / "raw"
+    for c in range(2):
+        for i in range(3):
+            for f in range(10 if i == 0 else 1):
+                write_image(raw / f"class{c}" / (f"IMG_{f}.jpg" if i == 0 else f"solo{i}.jpg"), seed=c * 100 + i * 10 + f)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    metrics, _ = prepare(packed(raw), out, settings(params), seed=0)
+    warnings = metrics["split_warnings"]
+    assert warnings and all("check the dataset's group_pattern" in line for line in warnings)
+    assert "split 'train' holds" in warnings[0] or "split 'val' holds" in warnings[0]
+
+
+def test_splitting_merges_groups_of_identical_files():
+    assert merge_duplicates(["a/1", "a/2", "a/3", "a/4"], ["x", "y", "x", "y"]) == ["a/1", "a/2", "a/1", "a/2"]
+    # a chain: 3 is a copy of 1's bytes and of 2's group, so all three are one group
+    assert merge_duplicates(["g2", "g1", "g2"], ["p", "q", "q"]) == ["g1", "g1", "g1"]
+
+
+def test_share_warnings_only_beyond_the_tolerance():
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    assert share_warnings({"train": 70, "val": 16, "test": 14}, fractions) == []
+    [line] = share_warnings({"train": 55, "val": 22, "test": 23}, fractions)
+    assert line.startswith("split 'train' holds 55 of 100 images (55%), target 70%")

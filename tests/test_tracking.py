@@ -36,7 +36,7 @@ def test_a_stage_run_is_tracked_and_mirrored_to_dvc_metrics(workspace, params):
     # Exactly the params dvc.yaml lists for the stage.
     assert set(found.data.params) == {"seed"} | {f"preprocess.{k}" for k in
         ("image_size", "resize", "min_size", "max_pixels", "splits.train", "splits.val", "splits.test",
-         "group_pattern", "min_per_class", "workers")}
+         "min_per_class", "workers")}
     assert found.data.metrics["split.train.images"] == 40
     written = json.loads((workspace / "metrics" / "preprocess.json").read_text())
     assert written["quarantined"] == 2 and written["split"] == {"train": {"images": 40}}

@@ -38,7 +38,7 @@ def test_export_matches_head_on_cached_features_and_reloads_safely(base, setting
     from_raw = exported.predict(raw, verbose=0)
     np.testing.assert_allclose(from_raw, head.predict(features, verbose=0), atol=1e-5)
 
-    path = saved.save_keras(exported, tmp_path, {"name": "xception_transfer", "classes": ["a", "b", "c"]})
+    path = saved.save_keras(exported, tmp_path, {"name": "xception_transfer", "classes": ["a", "b", "c"], "image_size": 71, "resize": "stretch"})
     reloaded = saved.load(path)
     np.testing.assert_allclose(reloaded.predict_proba(raw), from_raw, atol=1e-6)
     bigger = np.random.default_rng(1).integers(0, 256, (2, 120, 90, 3), dtype=np.uint8)

@@ -75,6 +75,8 @@ def test_subset_is_stratified_seeded_and_streams_only_the_kept_sources(tmp_path)
     assert np.bincount(labels[keep]).tolist() == [5, 5, 5]
     np.testing.assert_array_equal(keep, tune.subset_mask(labels, 0.5, seed=0))
     assert tune.subset_mask(labels, 1.0, seed=0) is None
+    lonely = np.array([0] + [1] * 10)  # a class with one train image keeps it
+    assert np.bincount(lonely[tune.subset_mask(lonely, 0.5, seed=0)]).tolist() == [1, 5]
 
     images = np.arange(30, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     split = split_on_disk(tmp_path, images, labels)

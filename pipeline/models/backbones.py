@@ -1,10 +1,8 @@
-"""keras.applications backbones by name: constructor, preprocessing, the frozen feature extractor, its
-features of an image set, and the classifier head trained on them."""
+"""keras.applications backbones by name (models/catalog.py): the frozen feature extractor, its features of
+an image set, and the classifier head trained on them."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -13,23 +11,8 @@ from tqdm import tqdm
 from pipeline import fsio, imageset
 from pipeline.errors import UserError
 from pipeline.imageset import Split
+from pipeline.models.catalog import BACKBONES
 from pipeline.models.layers import BackbonePreprocess, raw_image_input
-
-# name -> (constructor, module holding its preprocess_input); names match params.BACKBONES.
-_APPLICATIONS: dict[str, tuple[str, str]] = {
-    "xception": ("Xception", "xception"),
-    "vgg16": ("VGG16", "vgg16"),
-    "resnet50v2": ("ResNet50V2", "resnet_v2"),
-    "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
-    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
-    "inceptionv3": ("InceptionV3", "inception_v3"),
-    "densenet121": ("DenseNet121", "densenet"),
-}
-
-
-def preprocess_function(backbone: str) -> Callable[[Any], Any]:
-    module = getattr(keras.applications, _APPLICATIONS[backbone][1])
-    return module.preprocess_input
 
 
 def weights_file(weights_dir: Path) -> Path | None:
@@ -40,7 +23,7 @@ def weights_file(weights_dir: Path) -> Path | None:
 
 def base_model(backbone: str, image_size: int, weights: Path | None) -> keras.Model:
     """The convolutional base without its top; ImageNet weights from a local file, or random."""
-    constructor = getattr(keras.applications, _APPLICATIONS[backbone][0])
+    constructor = getattr(keras.applications, BACKBONES[backbone].constructor)
     try:
         return constructor(
             include_top=False,

@@ -59,8 +59,11 @@ def save(model: Any, path: Path) -> None:
 def load(path: Path) -> Any:
     import skops.io as sio
 
-    untrusted = sio.get_untrusted_types(file=path)
-    unexpected = sorted(set(untrusted) - set(TRUSTED))
-    if unexpected:
-        raise UserError(f"{path} holds types this pipeline never saves ({', '.join(unexpected)}); refusing to load it")
-    return sio.load(path, trusted=untrusted)
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+        unexpected = sorted(set(untrusted) - set(TRUSTED))
+        if not unexpected:
+            return sio.load(path, trusted=untrusted)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot load the skops model ({type(exc).__name__}: {exc})") from None
+    raise UserError(f"{path} holds types this pipeline never saves ({', '.join(unexpected)}); refusing to load it")

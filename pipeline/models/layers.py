@@ -1,7 +1,7 @@
 """Layers that travel inside saved models, so an exported model takes raw uint8 images.
 
-Registered as Keras serializables: models holding them load with `safe_mode=True` once
-`pipeline` is imported (no Lambda layers, nothing that needs unsafe deserialisation).
+Registered as Keras serializables when this module is imported (models/saved.py's load does): models
+holding them then load with `safe_mode=True` (no Lambda layers, nothing that needs unsafe deserialisation).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import keras
 
+from pipeline.models.catalog import BACKBONES
 from pipeline.params import AugmentParams
 
 
@@ -36,10 +37,8 @@ class BackbonePreprocess(keras.layers.Layer):
 
     def __init__(self, backbone: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        from pipeline.models.backbones import preprocess_function
-
         self.backbone = backbone
-        self._preprocess = preprocess_function(backbone)
+        self._preprocess = getattr(keras.applications, BACKBONES[backbone].module).preprocess_input
 
     def call(self, inputs: Any) -> Any:
         return self._preprocess(keras.ops.cast(inputs, "float32"))

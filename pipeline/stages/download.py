@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import shutil
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,25 +27,31 @@ from tqdm import tqdm
 
 from pipeline import cli, fetch, fsio, paths
 from pipeline.errors import UserError
-from pipeline.params import DatasetSpec, MirrorSpec, Params, TransferParams
+from pipeline.models.catalog import BACKBONES
+from pipeline.params import (
+    DatasetSpec,
+    DownloadParams,
+    MirrorSpec,
+    Params,
+    TransferParams,
+)
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("download")
-
-# Keras' own download locations for ImageNet weights without the classifier top.
-KERAS_NOTOP_WEIGHTS = {
-    "xception": (
-        "https://storage.googleapis.com/tensorflow/keras-applications/xception/"
-        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "md5:b0042744bf5b25fce3cb969f33bebb97",
-    ),
-}
-
 
 EMPTY_CLASS = "empty class folder (no files): not a class"
 NOT_A_CLASS = "not a class folder (top-level file or hidden folder)"
 _BLOCK = tarfile.BLOCKSIZE
 _CHUNK = 1 << 20
+
+
+RENAMED = "file name is not UTF-8: undecodable bytes written as \\xNN"
+
+
+def portable_name(name: str) -> str:
+    """`name` as UTF-8 text: bytes that are not UTF-8 (kept as surrogates by os and tarfile) become \\xNN,
+    so the tar, raw.json and every tool after them (DVC, MLflow, JSON) can carry it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def member_order(name: str) -> list[str]:
@@ -76,14 +83,19 @@ class RawTar:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.files: list[dict[str, Any]] = []
-        self._stream: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()/abort()
+        self.renamed: list[dict[str, str]] = []
+        self._stream: BinaryIO = open(path, "wb")
         self._offset = 0
 
     def add(self, name: str, size: int, source: BinaryIO) -> None:
         """Copy exactly `size` bytes of `source` in as member `name`; a shorter or longer source is an error."""
+        if (portable := portable_name(name)) != name:
+            log.warning("%s: %s", portable, RENAMED)
+            self.renamed.append({"path": portable, "reason": RENAMED})
+            name = portable
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = size, 0o644, 0, 0, 0, "", ""
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
         self._stream.write(header)
         offset = self._offset + len(header)
         digest, left = hashlib.sha256(), size
@@ -118,7 +130,7 @@ class RawTar:
             return self.files
         last = {entry["path"]: entry for entry in self.files}  # a later duplicate replaces an earlier one
         log.info("members came unsorted: re-writing %s sorted (%d members)", self.path, len(last))
-        unsorted = self.path.with_name(self.path.name + ".unsorted")
+        unsorted = self.path.with_name(self.path.name + ".unsorted")  # swept with the tar's temporary when killed
         os.replace(self.path, unsorted)
         try:
             with open(unsorted, "rb") as source:
@@ -160,33 +172,89 @@ def _classes_and_ignored(
     return classes, ignored
 
 
+LINK_OUTSIDE = "symlink outside the dataset: not read"
+BROKEN_LINK = "broken symlink: not read"
+
+
+def not_regular(mode: int) -> str:
+    return f"not a regular file ({fsio.file_kind(mode)}): not read"
+
+
+def walk_dataset(source: Path) -> tuple[list[tuple[str, Path]], set[str], list[dict[str, str]]]:
+    """Every regular file under `source` as (name relative to it, real path to read), every folder's name,
+    and the entries not read, with why.
+
+    Links are followed only while they stay inside `source`: a dataset is never a way to read other files
+    (a link to /etc/shadow or /dev/zero is listed, not read). Devices, fifos and sockets are listed, never
+    opened. A folder link that leads back into its own ancestry is a loop: an error naming it.
+    """
+    top = source.resolve()
+    files: list[tuple[str, Path]] = []
+    folders: set[str] = set()
+    skipped: list[dict[str, str]] = []
+
+    def visit(real: Path, relative: str, ancestry: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(real), key=lambda e: e.name):
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            target = Path(entry.path)
+            if entry.is_symlink():
+                target = target.resolve()
+                if not target.is_relative_to(top):
+                    skipped.append({"path": name, "reason": LINK_OUTSIDE})
+                    continue
+                if not target.exists():
+                    skipped.append({"path": name, "reason": BROKEN_LINK})
+                    continue
+            mode = target.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                if target in ancestry:
+                    raise UserError(f"{source / name}: symlink loop (it leads back to {target}): remove the link")
+                folders.add(name)
+                visit(target, name, ancestry | {target})
+            elif stat.S_ISREG(mode):
+                files.append((name, target))
+            else:
+                skipped.append({"path": name, "reason": not_regular(mode)})
+
+    visit(top, "", frozenset({top}))
+    return files, folders, skipped
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading only if it is (still) a regular file: a swap for a fifo or link is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserError(f"{path}: {not_regular(mode)} (it changed while the dataset was read)")
+    return os.fdopen(fd, "rb")
+
+
 def pack_directory(source: Path, tar: RawTar) -> list[dict[str, str]]:
-    """Add every file of every class folder of `source` to `tar`; return the top-level entries left out, with why."""
-    entries = sorted(source.iterdir())
-    tops = {entry.name: entry.is_dir() for entry in entries}
-    files: dict[str, list[Path]] = {}
-    for entry in entries:
-        if tops[entry.name] and not entry.name.startswith("."):
-            found = [path for path in entry.rglob("*") if path.is_file()]
-            if found:
-                files[entry.name] = found
-    classes, ignored = _classes_and_ignored(str(source), tops, set(files))
-    members = sorted(
-        ((path.relative_to(source).as_posix(), path) for name in classes for path in files[name]),
-        key=lambda member: member_order(member[0]),
-    )
+    """Add every file of every class folder of `source` to `tar`; return the entries left out, with why."""
+    files, folders, skipped = walk_dataset(source)
+    tops = {name: False for name, _ in files if "/" not in name} | {name: True for name in folders if "/" not in name}
+    classes, ignored = _classes_and_ignored(str(source), tops, {name.split("/")[0] for name, _ in files if "/" in name})
+    kept = set(classes)
+    for entry in skipped:
+        if entry["path"].split("/")[0] in kept or "/" not in entry["path"]:
+            log.warning("%s/%s: %s", source, entry["path"], entry["reason"])
+            ignored.append(entry)
+    members = sorted(((name, path) for name, path in files if name.split("/")[0] in kept), key=lambda m: member_order(m[0]))
     for name, path in tqdm(members, desc="pack", unit="file", leave=False, mininterval=2):
-        with open(path, "rb") as stream:
+        with open_regular(path) as stream:
             tar.add(name, os.fstat(stream.fileno()).st_size, stream)
-    return ignored
+    return sorted(ignored, key=lambda entry: member_order(entry["path"]))
 
 
-def pack_archive(archive: Path, subdir: str | None, tar: RawTar, key: str) -> list[dict[str, str]]:
+def pack_archive(
+    archive: Path, subdir: str | None, tar: RawTar, key: str, limits: DownloadParams
+) -> list[dict[str, str]]:
     """Add the class folders of `archive` (of its folder `subdir`, when given) to `tar`, read in place."""
     tops: dict[str, bool] = {}
     with_files: set[str] = set()
     seen = False
-    for member in tqdm(fetch.members(archive, only=subdir), desc="pack", unit="member", leave=False, mininterval=2):
+    for member in tqdm(fetch.members(archive, only=subdir, limits=limits), desc="pack", unit="member", leave=False, mininterval=2):
         seen = True
         if not member.name:  # the folder `subdir` itself
             continue
@@ -242,7 +310,7 @@ def pack_encoded(files: Iterable[tuple[str, bytes]], tar: RawTar) -> list[dict[s
 
 
 def _from_local(
-    path: Path, spec: DatasetSpec, tar: RawTar, mirror: MirrorSpec | None = None
+    path: Path, spec: DatasetSpec, tar: RawTar, limits: DownloadParams, mirror: MirrorSpec | None = None
 ) -> dict[str, Any]:
     """A local directory or archive: the source, or `mirror` with its own checksum/subdir where it gives them."""
     checksum, subdir = spec.archive_settings(mirror)
@@ -260,17 +328,17 @@ def _from_local(
     archive_sha256 = fetch.verify(path, checksum, str(path))
     if not checksum:
         log.warning("no checksum pinned for %s; pin the one seen now: checksum: %s", path, archive_sha256)
-    return {"archive_sha256": archive_sha256, "ignored": pack_archive(path, subdir, tar, key)}
+    return {"archive_sha256": archive_sha256, "ignored": pack_archive(path, subdir, tar, key, limits)}
 
 
-def _serve(spec: DatasetSpec, tar: RawTar, scratch: Path, root: Path) -> dict[str, Any]:
+def _serve(spec: DatasetSpec, tar: RawTar, scratch: Path, root: Path, limits: DownloadParams) -> dict[str, Any]:
     """Fill `tar` from the first mirror that exists, else from the source; say who served it."""
     for mirror in spec.mirrors:
         local = paths.resolve_local(mirror.path, root)
         if local.exists():
             log.info("using mirror %s", local)
             served = {"served_by": "mirror", "location": str(local)}
-            return served | _from_local(local, spec, tar, mirror)
+            return served | _from_local(local, spec, tar, limits, mirror)
         log.info("mirror %s not found", local)
     source = spec.source
     served = {"served_by": "origin", "location": source}
@@ -280,28 +348,29 @@ def _serve(spec: DatasetSpec, tar: RawTar, scratch: Path, root: Path) -> dict[st
         return served | {"ignored": pack_encoded(_tfds(source.removeprefix("tfds:"), scratch), tar)}
     if source.startswith(("http://", "https://")):
         archive = scratch / source.rstrip("/").rsplit("/", 1)[-1]
-        archive_sha256 = fetch.download(source, archive, spec.checksum)
+        archive_sha256 = fetch.download(source, archive, spec.checksum, limits)
         if not spec.checksum:
             log.warning("no checksum pinned for %s; pin the one seen now: checksum: %s", source, archive_sha256)
-        ignored = pack_archive(archive, spec.subdir, tar, "data.datasets.*.subdir")
+        ignored = pack_archive(archive, spec.subdir, tar, "data.datasets.*.subdir", limits)
         return served | {"archive_sha256": archive_sha256, "ignored": ignored}
     local = paths.resolve_local(source, root)
     if not local.exists():
         raise UserError(f"data source {source!r} not found (looked at {local}) and no mirror exists")
-    return served | _from_local(local, spec, tar)
+    return served | _from_local(local, spec, tar, limits)
 
 
-def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path) -> dict[str, Any]:
+def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path, limits: DownloadParams) -> dict[str, Any]:
     """Write the dataset as the tar `dest`; return what raw.json records (all but dataset and source).
 
-    That is who served it (served_by, location, archive_sha256 for an archive), the top-level entries left
-    out (`ignored`), the count per class (`classes`) and every member in tar order (`files`).
+    That is who served it (served_by, location, archive_sha256 for an archive), the entries left out
+    (`ignored`) and renamed (`renamed`), with why, the count per class (`classes`) and every member in tar
+    order (`files`).
     On an error `dest` is removed (main() also writes it through fsio.atomic_file, so an old tar survives).
     """
     scratch.mkdir(parents=True, exist_ok=True)
     tar = RawTar(dest)
     try:
-        served = _serve(spec, tar, scratch, root)
+        served = _serve(spec, tar, scratch, root, limits)
         files = tar.close()
     except BaseException:
         tar.abort()
@@ -311,10 +380,12 @@ def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path) -> dic
     for entry in files:
         label = entry["path"].split("/", 1)[0]
         classes[label] = classes.get(label, 0) + 1
-    return served | {"classes": dict(sorted(classes.items())), "files": files}
+    return served | {"renamed": tar.renamed, "classes": dict(sorted(classes.items())), "files": files}
 
 
-def resolve_weights(transfer: TransferParams, dest: Path, scratch: Path, root: Path) -> dict[str, Any]:
+def resolve_weights(
+    transfer: TransferParams, dest: Path, scratch: Path, root: Path, limits: DownloadParams
+) -> dict[str, Any]:
     """Put the backbone's weights file (if any) in `dest`; return what weights.json records."""
     record: dict[str, Any] = {"backbone": transfer.backbone, "weights": transfer.weights, "file": None}
     if transfer.weights == "none":
@@ -322,12 +393,12 @@ def resolve_weights(transfer: TransferParams, dest: Path, scratch: Path, root: P
     if transfer.weights == "imagenet":
         mirrors = [paths.resolve_local(m, root) for m in transfer.weights_mirrors.get(transfer.backbone, [])]
         found = [mirror for mirror in mirrors if mirror.is_file()]
+        origin = BACKBONES[transfer.backbone].notop_weights
         if found:
             source, served = found[0], "mirror"
-        elif transfer.backbone in KERAS_NOTOP_WEIGHTS:
-            url, checksum = KERAS_NOTOP_WEIGHTS[transfer.backbone]
-            source, served = scratch / url.rsplit("/", 1)[-1], "origin"
-            fetch.download(url, source, checksum)
+        elif origin is not None:
+            source, served = scratch / origin[0].rsplit("/", 1)[-1], "origin"
+            fetch.download(origin[0], source, origin[1], limits)
         else:
             raise UserError(
                 f"no ImageNet weights known for transfer.backbone={transfer.backbone!r}: add a file under "
@@ -343,7 +414,7 @@ def resolve_weights(transfer: TransferParams, dest: Path, scratch: Path, root: P
         "sha256": fetch.file_digest(dest / source.name),
         "bytes": source.stat().st_size,
         "served_by": served,
-        "location": str(source) if served != "origin" else KERAS_NOTOP_WEIGHTS[transfer.backbone][0],
+        "location": str(source) if served != "origin" else BACKBONES[transfer.backbone].notop_weights[0],
     }
 
 
@@ -352,11 +423,12 @@ def main(params: Params, run: StageRun) -> None:
     root = paths.workspace_root()
     spec = params.data.spec
     with fsio.atomic_file(paths.RAW) as raw:
-        listing = materialise(spec, raw, paths.DOWNLOADS, root)
-    manifest = {"dataset": params.data.dataset, "source": spec.source, **listing}
+        listing = materialise(spec, raw, paths.DOWNLOADS, root, params.download)
+    # The dataset's shot pattern travels with its files: preprocess groups by it, and re-runs only when it changes.
+    manifest = {"dataset": params.data.dataset, "source": spec.source, "group_pattern": spec.group_pattern, **listing}
     fsio.write_json(paths.RAW_MANIFEST, manifest)
     with fsio.atomic_dir(paths.WEIGHTS) as weights_dir:
-        weights = resolve_weights(params.transfer, weights_dir, paths.DOWNLOADS, root)
+        weights = resolve_weights(params.transfer, weights_dir, paths.DOWNLOADS, root, params.download)
         fsio.write_json(weights_dir / "weights.json", weights)
 
     run.images = len(listing["files"])
@@ -366,6 +438,7 @@ def main(params: Params, run: StageRun) -> None:
         "classes": len(listing["classes"]),
         "bytes": sum(f["bytes"] for f in listing["files"]),
         "ignored": len(listing["ignored"]),
+        "renamed": len(listing["renamed"]),
     })
     run.log_artifact(paths.RAW_MANIFEST)
     log.info("%d files in %d classes from %s", len(listing["files"]), len(listing["classes"]), listing["location"])

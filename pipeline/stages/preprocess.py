@@ -5,7 +5,8 @@ straight from the tar, which the decoding processes open themselves, so no image
 
 Every file ends in exactly one place: a split, the quarantine list (with its reason) or a dropped
 class (with a warning). The split is stratified by class and group-aware: all frames of one shot
-(`preprocess.group_pattern`) land in the same split, so near-duplicates cannot leak into the test set.
+(the dataset's `group_pattern`, passed on in data/raw.json) land in the same split, and so do files with the
+same bytes, so near-duplicates and copies cannot leak into the test set.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from pipeline import cli, fsio, imageset, paths
 from pipeline.errors import UserError
 from pipeline.images import BadImage, load_array
 from pipeline.params import SPLITS, Params, PreprocessParams
-from pipeline.splitting import assign_splits, group_of
+from pipeline.splitting import assign_splits, group_of, merge_duplicates, share_warnings
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("preprocess")
@@ -45,25 +46,21 @@ def check_class_names(names: list[str]) -> None:
         seen[key] = name
 
 
-def list_files(raw: Path) -> list[tuple[str, str]]:
-    """(path relative to raw, class) for every file in every class folder of a directory, in a stable order."""
-    found = []
-    folders = sorted(p for p in raw.iterdir() if p.is_dir())
-    check_class_names([folder.name for folder in folders])
-    for folder in folders:
-        found += [(f.relative_to(raw).as_posix(), folder.name) for f in sorted(folder.rglob("*")) if f.is_file()]
-    if not found:
-        raise UserError(f"{raw} holds no files in class folders: run the download stage first")
-    return found
-
-
 def index_of(raw: Path) -> Path:
     """The listing download writes beside the tar: data/raw.tar -> data/raw.json."""
     return raw.with_suffix(".json")
 
 
-def list_members(raw: Path) -> list[tuple[str, str, int, int]]:
-    """(path, class, offset, bytes) of every member of the tar `raw`, in tar order, from its listing.
+class Member(NamedTuple):
+    path: str
+    label: str
+    offset: int
+    size: int
+    sha256: str
+
+
+def list_members(raw: Path) -> tuple[list[Member], re.Pattern[str] | None]:
+    """Every member of the tar `raw`, in tar order, from its listing; and the dataset's shot pattern.
 
     A tar shorter than the listing says (cut short, or not the tar the listing was written with) is an
     error naming the first member it lacks: never a silently shorter dataset.
@@ -72,23 +69,27 @@ def list_members(raw: Path) -> list[tuple[str, str, int, int]]:
     if not raw.is_file() or not index.is_file():
         raise UserError(f"{raw} or {index} is missing: run the download stage first")
     try:
-        listed = fsio.read_json(index)["files"]
-        found = [(f["path"], f["path"].split("/", 1)[0], int(f["offset"]), int(f["bytes"])) for f in listed]
-    except (KeyError, TypeError, ValueError) as exc:
+        listing = fsio.read_json(index)
+        found = [
+            Member(f["path"], f["path"].split("/", 1)[0], int(f["offset"]), int(f["bytes"]), f["sha256"])
+            for f in listing["files"]
+        ]
+        pattern = re.compile(listing["group_pattern"]) if listing.get("group_pattern") else None
+    except (KeyError, TypeError, ValueError, re.error) as exc:
         raise UserError(f"{index} does not list the tar's members with offsets ({exc!r}): run the download stage again") from None
     if not found:
         raise UserError(f"{raw} holds no files in class folders: run the download stage first")
-    if any("/" not in path for path, *_ in found):
+    if any("/" not in member.path for member in found):
         raise UserError(f"{index}: every member must be <class>/<file>; run the download stage again")
     size = raw.stat().st_size
-    for path, _, offset, length in found:
-        if offset + length > size:
+    for member in found:
+        if member.offset + member.size > size:
             raise UserError(
-                f"{raw} is cut short: it has {size} bytes, but member {path!r} ends at byte {offset + length} "
-                f"(per {index}); restore it (`dvc checkout {raw}`) or run the download stage again"
+                f"{raw} is cut short: it has {size} bytes, but member {member.path!r} ends at byte "
+                f"{member.offset + member.size} (per {index}); restore it (`dvc checkout {raw}`) or run the download stage again"
             )
-    check_class_names(sorted({label for _, label, *_ in found}))
-    return found
+    check_class_names(sorted({member.label for member in found}))
+    return found, pattern
 
 
 _tar: int | None = None  # this process's descriptor of the tar being decoded
@@ -173,6 +174,22 @@ def decode_all(
     return reasons
 
 
+def conflicting_copies(members: list[Member], reasons: list[str | None]) -> dict[int, str]:
+    """Good files whose bytes are also a good file of another class -> the quarantine reason: which label
+    is right cannot be told, and keeping both would teach the model both."""
+    where: dict[str, list[int]] = {}
+    for index, (member, reason) in enumerate(zip(members, reasons)):
+        if reason is None:
+            where.setdefault(member.sha256, []).append(index)
+    conflicts = {}
+    for copies in where.values():
+        if len({members[i].label for i in copies}) > 1:
+            for i in copies:
+                others = ", ".join(members[j].path for j in copies if j != i)
+                conflicts[i] = f"conflicting labels: the same bytes are {others}"
+    return conflicts
+
+
 def write_split(
     decoded: BinaryIO, rows: np.ndarray, labels: np.ndarray, writer: imageset.SplitWriter, chunk_bytes: int = 32 * 2**20
 ) -> None:
@@ -194,16 +211,20 @@ def prepare(
     as an image set in `out`; return metrics and quarantine.
 
     Each split is written in a seeded random order, so a training stream that shuffles within a
-    bounded buffer still sees every class in every batch.
+    bounded buffer still sees every class in every batch. Files with the same bytes share a split; the
+    same bytes under two classes are quarantined, every copy. `split_warnings` in the metrics lists the
+    splits whose share misses its target widely (a caller logs them: they are not numbers).
     """
-    members = list_members(raw)
-    files = [(path, label) for path, label, _, _ in members]
+    members, pattern = list_members(raw)
+    files = [(member.path, member.label) for member in members]
     size = settings.image_size
     workers = settings.workers or auto_workers(len(files))
     with tempfile.TemporaryFile(dir=out) as decoded:
-        reasons = decode_all(raw, [(offset, length) for _, _, offset, length in members], settings, decoded, workers)
+        reasons = decode_all(raw, [(m.offset, m.size) for m in members], settings, decoded, workers)
         decoded.flush()
         good_rows = np.cumsum([reason is None for reason in reasons]) - 1  # file -> its row in `decoded`
+        conflicts = conflicting_copies(members, reasons)
+        reasons = [conflicts.get(i, reason) for i, reason in enumerate(reasons)]
 
         good = Counter(label for (_, label), reason in zip(files, reasons) if reason is None)
         dropped = {name for name in sorted({label for _, label in files}) if good[name] < settings.min_per_class}
@@ -218,20 +239,24 @@ def prepare(
             dtype=np.int64,
         )
         labels = np.array([classes.index(files[i][1]) for i in kept], dtype=np.int32)
-        pattern = re.compile(settings.group_pattern) if settings.group_pattern else None
-        groups = [group_of(files[i][0], pattern) for i in kept]
+        digests = [members[i].sha256 for i in kept]
+        groups = merge_duplicates([group_of(files[i][0], pattern) for i in kept], digests)
         split_of = assign_splits(labels, groups, settings.splits.as_dict(), seed, classes)
 
         rng = np.random.default_rng(seed)
         per_split: dict[str, dict[str, int]] = {}
         placed: dict[int, tuple[str, int]] = {}  # file -> (split, row)
         for index, name in enumerate(SPLITS):
-            members = np.flatnonzero(split_of == index)
-            members = members[rng.permutation(len(members))]
+            chosen = np.flatnonzero(split_of == index)
+            chosen = chosen[rng.permutation(len(chosen))]
             with imageset.SplitWriter(out, name, (size, size, 3), np.uint8) as writer:
-                write_split(decoded, good_rows[kept[members]], labels[members], writer)
-            placed |= {int(kept[k]): (name, row) for row, k in enumerate(members)}
-            per_split[name] = {"images": len(members), "groups": len({groups[k] for k in members})}
+                write_split(decoded, good_rows[kept[chosen]], labels[chosen], writer)
+            placed |= {int(kept[k]): (name, row) for row, k in enumerate(chosen)}
+            per_split[name] = {
+                "images": len(chosen),
+                "groups": len({groups[k] for k in chosen}),
+                "share": round(len(chosen) / len(kept), 4),
+            }
 
     entries = []
     group_by_file = dict(zip(kept.tolist(), groups))
@@ -249,11 +274,15 @@ def prepare(
     return {
         "images_in": len(files),
         "images_out": len(kept),
+        "duplicates": len(digests) - len(set(digests)),
         "quarantined": len(quarantined),
         "dropped_images": sum(1 for e in entries if "dropped" in e),
         "dropped_classes": len(dropped),
         "classes": len(classes),
         "split": per_split,
+        "split_warnings": share_warnings(
+            {name: split["images"] for name, split in per_split.items()}, settings.splits.as_dict()
+        ),
     }, quarantined
 
 
@@ -261,6 +290,12 @@ def prepare(
 def main(params: Params, run: StageRun) -> None:
     with fsio.atomic_dir(paths.PREPARED) as out:
         metrics, quarantined = prepare(paths.RAW, out, params.preprocess, params.seed)
+    split_warnings = metrics.pop("split_warnings")
+    for warning in split_warnings:
+        log.warning("SPLIT FAR FROM ITS TARGET: %s", warning)
+    if split_warnings:
+        run.set_tags({"split.warning": " | ".join(split_warnings)})
+    metrics["split_warnings"] = len(split_warnings)
     reasons = Counter(q["reason"].split(":", 1)[0] for q in quarantined)
     fsio.write_json(paths.QUARANTINE, {"count": len(quarantined), "by_kind": reasons, "files": quarantined})
     run.images = metrics["images_in"]

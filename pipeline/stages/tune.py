@@ -124,16 +124,16 @@ def make_tuner(params: Params, num_classes: int, project: str, run: StageRun) ->
 def subset_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:
     """A stratified `fraction` of the train images (by row), to search on part of the data as the seed did.
 
-    None keeps everything. Augmented copies follow their source image in or out.
+    None keeps everything. Every class keeps at least one image, however few it has (scikit-learn's
+    stratified split refuses a class of one). Augmented copies follow their source image in or out.
     """
     if fraction >= 1:
         return None
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(labels))
-    chosen, _ = train_test_split(rows, train_size=fraction, stratify=labels, random_state=seed)
+    rng = np.random.default_rng(seed)
     keep = np.zeros(len(labels), dtype=bool)
-    keep[chosen] = True
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep[rng.choice(rows, max(1, round(fraction * len(rows))), replace=False)] = True
     return keep
 
 
