@@ -160,3 +160,18 @@ def in_memory(split: Split) -> tuple[np.ndarray, np.ndarray]:
         return np.empty((0, *split.shape), split.dtype), np.empty(0, np.int32)
     records = np.concatenate(list(split.batches(4096)))
     return records["x"], records["label"].astype(np.int32)
+
+
+class NoTracking:
+    """training.fit logs each epoch to the stage's MLflow run; here there is none (and no store to write).
+    Its per-epoch call (at each epoch's end, as EpochTimer's) marks the process's CPU time."""
+
+    def __init__(self) -> None:
+        self.cpu_at_end: list[float] = [time.process_time()]
+
+    def log_now(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.cpu_at_end.append(time.process_time())
+
+    @property
+    def cpu_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.cpu_at_end, self.cpu_at_end[1:])]

@@ -50,19 +50,6 @@ class EpochTimer:
         return [b - a for a, b in zip(self.cpu_at_end, self.cpu_at_end[1:])]
 
 
-class NoTracking:
-    """training.fit logs each epoch to the stage's MLflow run; here there is none (and no store to write).
-    Its per-epoch call (at each epoch's end, as EpochTimer's) marks the process's CPU time."""
-
-    def __init__(self) -> None:
-        self.cpu_at_end: list[float] = [time.process_time()]
-
-    def log_now(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.cpu_at_end.append(time.process_time())
-
-    @property
-    def cpu_seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.cpu_at_end, self.cpu_at_end[1:])]
 
 
 def main() -> None:
@@ -116,7 +103,7 @@ def main() -> None:
 
     def streamed() -> tuple[list[float], list[float], dict[str, float]]:
         model = fresh_model()
-        tracking = NoTracking()
+        tracking = common.NoTracking()
         result = training.fit(model, train, val, settings=params.train, epochs=epochs, run=tracking,  # type: ignore[arg-type]
                               seed=params.seed)
         last = result.rows[-1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -27,6 +28,7 @@ class DeviceInfo:
     count: int
     mixed_precision: bool = False
     xla: bool = False
+    deterministic: bool = False
 
     def tags(self) -> dict[str, str]:
         return {
@@ -35,6 +37,7 @@ class DeviceInfo:
             "device.count": str(self.count),
             "device.mixed_precision": str(self.mixed_precision).lower(),
             "device.xla": str(self.xla).lower(),
+            "device.deterministic": str(self.deterministic).lower(),
         }
 
 
@@ -79,8 +82,15 @@ def cpu_only() -> DeviceInfo:
     return DeviceInfo("cpu", cpu_model(), os.cpu_count() or 1)
 
 
-def configure(requested: str, *, mixed_precision: bool = False, xla: bool = False) -> DeviceInfo:
-    """Make TensorFlow use `requested` (auto|cpu|gpu) and return what it will use."""
+def configure(
+    requested: str, *, mixed_precision: bool = False, xla: bool = False, deterministic: bool = False
+) -> DeviceInfo:
+    """Make TensorFlow use `requested` (auto|cpu|gpu) and return what it will use.
+
+    `deterministic` turns on TensorFlow's op determinism (before any op runs): kernels whose threads add
+    floats in a varying order are swapped for ordered ones, and parallel tf.data maps with random ops
+    (on-the-fly augmentation) keep their order, so with the seeds set a re-run repeats every weight.
+    """
     if requested not in ("auto", "cpu", "gpu"):
         raise DeviceError(f"train.device must be one of auto, cpu, gpu; got {requested!r}")
     if requested == "cpu":
@@ -112,9 +122,16 @@ def configure(requested: str, *, mixed_precision: bool = False, xla: bool = Fals
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        info = dataclasses.replace(info, deterministic=True)
     return info
 
 
 def configure_training(settings: TrainParams) -> DeviceInfo:
     """configure() from the train section: what every stage that trains or infers calls first."""
-    return configure(settings.device, mixed_precision=settings.mixed_precision, xla=settings.xla)
+    return configure(
+        settings.device, mixed_precision=settings.mixed_precision, xla=settings.xla, deterministic=settings.deterministic
+    )

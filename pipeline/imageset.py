@@ -16,6 +16,7 @@ original), so a subset or a preview can follow an example back to its source.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,6 +193,23 @@ def load_split(directory: Path, name: str) -> Split:
 
 def load_classes(directory: Path) -> list[str]:
     return fsio.read_json(Path(directory) / "classes.json")
+
+
+def fingerprint(split: Split, classes: Sequence[str]) -> str:
+    """sha256 of a split's records (pixels, labels, order) and class names: equal exactly when two models
+    were, or would be, scored on the same examples."""
+    digest = hashlib.sha256(json.dumps(list(classes)).encode())
+    for shard in split.shards:
+        with open(shard.path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def groups_of(directory: Path, split_name: str, split: Split) -> np.ndarray:
+    """The group (shot) of each record of a prepared split, from the manifest, in record order."""
+    by_row = {e["row"]: e["group"] for e in load_manifest(directory)["files"] if e.get("split") == split_name}
+    return np.array([by_row[int(row)] for row in split.rows["index"]])
 
 
 def load_manifest(directory: Path) -> dict[str, Any]:

@@ -207,6 +207,7 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "gpu"]
     mixed_precision: bool = Field(description="float16 compute; GPU only")
     xla: bool = Field(description="jit_compile models; GPU only")
+    deterministic: bool = Field(description="TensorFlow op determinism: a re-run on the same machine repeats every weight")
     batch_size: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=0, description="0 = off")
     reduce_lr_patience: int = Field(ge=0, description="0 = off")

@@ -1,41 +1,87 @@
-"""The MLflow model registry: the champion logged as a Keras model, registered, and aliased."""
+"""The MLflow model registry: one registered model per dataset, champion and challenger.
+
+Every evaluate run registers its best Keras model (by validation) as a new version of
+`<evaluate.registered_model>-<dataset>`. The `champion` alias moves to it only when it beats the current
+champion by the selection score on the same test set (same fingerprint); otherwise it becomes the
+`challenger`. A version scored on another test set starts a new lineage and takes the champion alias.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import device
 from pipeline.models import saved
 from pipeline.tracking import StageRun
 
+SELECTION_SCORE = "val_accuracy"
 
-def register(champion: saved.SavedModel, registered_name: str, row: dict[str, Any], run: StageRun) -> str:
-    """Log the champion as an MLflow Keras model, register it, point the `champion` alias at it.
 
-    The alias follows the latest evaluate run; the version's tags say which data and experiment it won on.
-    """
+def registered_name(base: str, dataset: str) -> str:
+    """A cats/dogs model must never be served as the digits champion: one registered model per dataset."""
+    return f"{base}-{dataset}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str  # "champion" or "challenger"
+    reason: str
+
+
+def decide(current: dict[str, str] | None, fingerprint: str, score: float) -> Decision:
+    """Where a new version goes, given the current champion's version tags (None: there is none)."""
+    if current is None:
+        return Decision("champion", "the first version of this registered model")
+    if current.get("test_fingerprint") != fingerprint:
+        return Decision("champion", "the test set changed: a new lineage starts here")
+    best = float(current[SELECTION_SCORE])
+    if score > best:
+        return Decision("champion", f"{SELECTION_SCORE} {score:.4f} beats the champion's {best:.4f}")
+    return Decision("challenger", f"{SELECTION_SCORE} {score:.4f} does not beat the champion's {best:.4f}")
+
+
+def _champion_tags(client: Any, name: str) -> dict[str, str] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_model_version_by_alias(name, "champion").tags)
+    except MlflowException:  # no such model yet, or no champion alias
+        return None
+
+
+def register(
+    best: saved.SavedModel, registered_model: str, row: dict[str, Any], fingerprint: str, run: StageRun
+) -> tuple[str, str, Decision]:
+    """Log `best` as an MLflow Keras model, register it under its dataset's name, alias it; return
+    (registered name, version, decision). Its version tags say what it scored, on which data, in which run."""
     import mlflow
 
+    name = registered_name(registered_model, best.meta["dataset"])
     with run.timed():
+        client = mlflow.MlflowClient()
+        decision = decide(_champion_tags(client, name), fingerprint, row[SELECTION_SCORE])
         info = mlflow.keras.log_model(
-            champion.model,
+            best.model,
             name="champion",
-            registered_model_name=registered_name,
+            registered_model_name=name,
             # Explicit: inferring requirements would load the model again in a subprocess.
             pip_requirements=[
                 f"keras=={device.package_version('keras')}",
                 f"tensorflow=={device.package_version('tensorflow', 'tensorflow-cpu')}",
             ],
-            metadata={"classes": champion.classes, "source": str(champion.path)},
+            metadata={"classes": best.classes, "source": str(best.path)},
         )
         version = str(info.registered_model_version)
-        client = mlflow.MlflowClient()
-        client.set_registered_model_alias(registered_name, "champion", version)
         tags = {
-            "model": champion.name,
-            "dataset": champion.meta["dataset"],
+            "model": best.name,
+            "dataset": best.meta["dataset"],
+            SELECTION_SCORE: str(row[SELECTION_SCORE]),
             "test_accuracy": str(row["test_accuracy"]),
+            "test_accuracy_ci": f"{row['test_ci_low']}-{row['test_ci_high']}",
+            "test_fingerprint": fingerprint,
             "dvc.exp_name": run.tags.get("dvc.exp_name", ""),
         }
         for key, value in tags.items():
-            client.set_model_version_tag(registered_name, version, key, value)
-    return version
+            client.set_model_version_tag(name, version, key, value)
+        client.set_registered_model_alias(name, decision.alias, version)
+    return name, version, decision

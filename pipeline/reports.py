@@ -50,14 +50,24 @@ def pairs_png(
     return sheet
 
 
-def leaderboard_markdown(rows: Sequence[dict[str, Any]], dataset: str, test_images: int) -> str:
-    columns = [c for c in rows[0] if c not in ("file",)]
+def leaderboard_markdown(rows: Sequence[dict[str, Any]], dataset: str, val_images: int, test_images: int) -> str:
+    """The leaderboard as a table, ranked by validation; the test interval as one `[low, high]` column."""
+    columns = [c for c in rows[0] if c not in ("file", "test_ci_low", "test_ci_high")]
+    if "test_ci_low" in rows[0]:
+        columns.insert(columns.index("test_accuracy") + 1, "test 95% interval")
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        if column == "test 95% interval":
+            return f"[{row['test_ci_low']}, {row['test_ci_high']}]"
+        return str(row.get(column, ""))
+
     lines = [
-        f"# Leaderboard: {dataset}, {test_images} test images",
+        f"# Leaderboard: {dataset}, ranked by validation accuracy ({val_images} val images); "
+        f"test ({test_images} images) reported, never used to choose",
         "",
         "| rank | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for rank, row in enumerate(rows, 1):
-        lines.append(f"| {rank} | " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        lines.append(f"| {rank} | " + " | ".join(cell(row, c) for c in columns) + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Shared fixtures: small generated photo folders, and the real ../shared data when present."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ def split_on_disk(directory: Path, x: np.ndarray, labels, name: str = "split") -
     with imageset.SplitWriter(directory, name, x.shape[1:], x.dtype) as writer:
         writer.write(x, np.asarray(labels, dtype=np.int32), np.arange(len(x)))
     return imageset.load_split(directory, name)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A scratch project directory as the working directory: dvc.yaml (the stages' params lists) and the
+    default sqlite MLflow store under it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    return tmp_path
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 import numpy as np
 
 from pipeline import reports
+from pipeline.scores import bootstrap_interval
 from pipeline.stages.evaluate import confused_pairs, model_scores, ranked
 
 from .conftest import split_on_disk
@@ -27,23 +28,44 @@ def test_model_scores_add_top_k_only_beyond_k_classes():
     assert "test_top5_accuracy" not in model_scores(labels, probabilities, ["a", "b", "c", "d"], top_k=5)
 
 
-def test_ranked_by_accuracy_then_f1_then_speed():
+def test_ranked_by_validation_accuracy_then_f1_then_speed_never_by_test():
     rows = [
-        {"model": "slow", "test_accuracy": 0.8, "test_f1": 0.7, "inference_ms_per_image": 9.0},
-        {"model": "fast", "test_accuracy": 0.8, "test_f1": 0.7, "inference_ms_per_image": 1.0},
-        {"model": "better_f1", "test_accuracy": 0.8, "test_f1": 0.75, "inference_ms_per_image": 5.0},
-        {"model": "best", "test_accuracy": 0.9, "test_f1": 0.1, "inference_ms_per_image": 50.0},
+        {"model": "slow", "val_accuracy": 0.8, "val_f1": 0.7, "test_accuracy": 0.9, "inference_ms_per_image": 9.0},
+        {"model": "fast", "val_accuracy": 0.8, "val_f1": 0.7, "test_accuracy": 0.5, "inference_ms_per_image": 1.0},
+        {"model": "better_f1", "val_accuracy": 0.8, "val_f1": 0.75, "test_accuracy": 0.6, "inference_ms_per_image": 5.0},
+        {"model": "best_on_val", "val_accuracy": 0.9, "val_f1": 0.1, "test_accuracy": 0.4, "inference_ms_per_image": 50.0},
+        {"model": "best_on_test", "val_accuracy": 0.7, "val_f1": 0.9, "test_accuracy": 0.99, "inference_ms_per_image": 0.5},
     ]
-    assert [r["model"] for r in ranked(rows)] == ["best", "better_f1", "fast", "slow"]
+    assert [r["model"] for r in ranked(rows)] == ["best_on_val", "better_f1", "fast", "slow", "best_on_test"]
 
 
-def test_leaderboard_markdown_has_a_row_per_model_and_no_file_column():
-    rows = [{"model": "a", "test_accuracy": 0.9, "file": "x.keras"}, {"model": "b", "test_accuracy": 0.5, "file": "y"}]
-    text = reports.leaderboard_markdown(rows, "rps", 191)
-    lines = text.splitlines()
-    assert lines[0] == "# Leaderboard: rps, 191 test images"
-    assert lines[2] == "| rank | model | test_accuracy |"
-    assert lines[4:] == ["| 1 | a | 0.9 |", "| 2 | b | 0.5 |"]
+def test_leaderboard_markdown_shows_val_and_test_with_its_interval_and_no_file_column():
+    rows = [
+        {"model": "a", "val_accuracy": 0.8, "test_accuracy": 0.9, "test_ci_low": 0.85, "test_ci_high": 0.95, "file": "x.keras"},
+        {"model": "b", "val_accuracy": 0.7, "test_accuracy": 0.5, "test_ci_low": 0.3, "test_ci_high": 0.7, "file": "y"},
+    ]
+    lines = reports.leaderboard_markdown(rows, "rps", 168, 191).splitlines()
+    assert lines[0] == (
+        "# Leaderboard: rps, ranked by validation accuracy (168 val images); test (191 images) reported, never used to choose"
+    )
+    assert lines[2] == "| rank | model | val_accuracy | test_accuracy | test 95% interval |"
+    assert lines[4:] == ["| 1 | a | 0.8 | 0.9 | [0.85, 0.95] |", "| 2 | b | 0.7 | 0.5 | [0.3, 0.7] |"]
+
+
+def test_bootstrap_interval_resamples_whole_groups():
+    rng = np.random.default_rng(0)
+    correct = rng.random(400) < 0.8
+    by_image = bootstrap_interval(correct, np.arange(400), seed=0)
+    assert by_image[0] < correct.mean() < by_image[1]
+    # The normal approximation for 400 independent images: +-1.96 * sqrt(.8 * .2 / 400) = +-0.039
+    assert abs((by_image[1] - by_image[0]) / 2 - 0.039) < 0.008
+    # The same hits as 20 shots of 20 identical frames: 20 independent pieces of evidence, a far wider interval.
+    shots = np.repeat(np.arange(20), 20)
+    per_shot = np.repeat(rng.random(20) < 0.8, 20)
+    grouped = bootstrap_interval(per_shot, shots, seed=0)
+    assert grouped[1] - grouped[0] > 2.5 * (by_image[1] - by_image[0])
+    assert bootstrap_interval(per_shot, shots, seed=0) == grouped  # seeded
+    assert bootstrap_interval(np.ones(10, bool), np.arange(10), seed=0) == (1.0, 1.0)
 
 
 def test_pairs_sheet_shows_the_misclassified_test_images(tmp_path):

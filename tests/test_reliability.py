@@ -23,14 +23,6 @@ from .test_preprocess import packed
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    return tmp_path
-
-
 def killed_child(code: str, ready: Path, cwd: Path) -> None:
     """Run `code` in a fresh interpreter, wait until it creates `ready`, then kill -9 it."""
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=ENV)

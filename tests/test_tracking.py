@@ -1,21 +1,10 @@
 """One MLflow run per stage execution, its tags, and the same metrics in metrics/<stage>.json."""
 import json
-import shutil
 
 import mlflow
 import pytest
 
 from pipeline import device, paths, tracking
-
-from .conftest import REPO
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    return tmp_path
 
 
 def finished_runs(workspace, params):

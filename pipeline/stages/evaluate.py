@@ -1,9 +1,12 @@
-"""evaluate stage: every saved model on the same test split -> leaderboard, reports, the champion.
+"""evaluate stage: every saved model on the same val and test splits -> leaderboard, reports, the champion.
 
-Per model: accuracy, top-k (more than k classes only), macro precision/recall/F1, a per-class
-report, a confusion matrix (PNG, and rows for DVC's confusion plot), the most confused class
-pairs with test thumbnails, inference ms/image and file size. The best Keras model becomes
-data/models/champion.keras and the `champion` alias of the registered model in MLflow.
+Models are ranked, and the champion chosen, by validation accuracy: the test split is reported, never
+used to choose, so the champion's test figure is not biased upwards by the choice. Per model: val
+accuracy and F1; test accuracy with a 95% bootstrap interval over whole shots (registry.py, scores.py),
+top-k (more than k classes only), macro precision/recall/F1, a per-class report, a confusion matrix (PNG,
+and rows for DVC's confusion plot), the most confused class pairs with test thumbnails, inference
+ms/image and file size. The best Keras model becomes data/models/champion.keras and a version of the
+dataset's registered model in MLflow (champion or challenger alias: registry.py).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.imageset import Split
 from pipeline.models import saved
 from pipeline.params import EvaluateParams, Params
-from pipeline.scores import scores
+from pipeline.scores import bootstrap_interval, scores
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("evaluate")
@@ -60,7 +63,10 @@ def model_scores(labels: np.ndarray, probabilities: np.ndarray, classes: Sequenc
 
 def evaluate_model(
     model: saved.SavedModel,
+    val: Split,
     test: Split,
+    test_groups: np.ndarray,
+    seed: int,
     classes: Sequence[str],
     settings: EvaluateParams,
     batch_size: int,
@@ -71,15 +77,21 @@ def evaluate_model(
     """Score one model, write its reports under `reports`/<model> and its DVC confusion rows; return its row."""
     from sklearn.metrics import classification_report, confusion_matrix
 
+    val_scores = scores(val.labels, model.predict_split(val, batch_size), "val_")
     probabilities, ms_per_image = timed_probabilities(model, test, batch_size)
     predicted = probabilities.argmax(axis=1)
+    low, high = bootstrap_interval(predicted == test.labels, test_groups, seed)
     everything = np.arange(len(classes))
     matrix = confusion_matrix(test.labels, predicted, labels=everything)
     pairs = confused_pairs(matrix, settings.confused_pairs)
     row = {
         "model": model.name,
         "stage": model.meta["stage"],
+        "val_accuracy": val_scores["val_accuracy"],
+        "val_f1": val_scores["val_f1"],
         **model_scores(test.labels, probabilities, classes, settings.top_k),
+        "test_ci_low": low,
+        "test_ci_high": high,
         "inference_ms_per_image": round(ms_per_image, 3),
         "size_bytes": model.path.stat().st_size,
         "file": str(model.path),
@@ -107,8 +119,8 @@ def evaluate_model(
 
 
 def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first: test accuracy, then macro F1, then the faster model."""
-    return sorted(rows, key=lambda r: (-r["test_accuracy"], -r["test_f1"], r["inference_ms_per_image"]))
+    """Best first by validation: accuracy, then macro F1, then the faster model. Test scores never rank."""
+    return sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_f1"], r["inference_ms_per_image"]))
 
 
 def crown(champion: saved.SavedModel) -> dict[str, Any]:
@@ -124,9 +136,11 @@ def crown(champion: saved.SavedModel) -> dict[str, Any]:
 def main(params: Params, run: StageRun) -> None:
     settings = params.evaluate
     classes = imageset.load_classes(paths.PREPARED)
-    test = imageset.load_split(paths.PREPARED, "test")
-    if test.count == 0:
-        raise UserError("the test split is empty: raise preprocess.splits.test")
+    val, test = imageset.load_split(paths.PREPARED, "val"), imageset.load_split(paths.PREPARED, "test")
+    for name, split in (("val", val), ("test", test)):
+        if split.count == 0:
+            raise UserError(f"the {name} split is empty: evaluate needs it (raise preprocess.splits.{name})")
+    test_groups = imageset.groups_of(paths.PREPARED, "test", test)
     rows = []
     keras_models: dict[str, saved.SavedModel] = {}  # by file: the champion is one of them
     with fsio.atomic_dir(paths.EVALUATION) as reports, fsio.atomic_dir(paths.PREDICTIONS) as predictions:
@@ -135,33 +149,48 @@ def main(params: Params, run: StageRun) -> None:
             if model.is_keras:
                 keras_models[str(path)] = model
             with run.nested(model.name, {"model": model.name, "file": str(path)}):
-                row = evaluate_model(model, test, classes, settings, params.train.batch_size, reports, predictions, run)
+                row = evaluate_model(
+                    model, val, test, test_groups, params.seed, classes, settings, params.train.batch_size,
+                    reports, predictions, run,
+                )
                 run.log_now({k: v for k, v in row.items() if isinstance(v, (int, float))})
             rows.append(row)
-            run.images += test.count
-            log.info("%s: test accuracy %.4f, %.2f ms/image", model.name, row["test_accuracy"], row["inference_ms_per_image"])
+            run.images += val.count + test.count
+            log.info(
+                "%s: val accuracy %.4f, test accuracy %.4f [%.4f, %.4f], %.2f ms/image", model.name,
+                row["val_accuracy"], row["test_accuracy"], row["test_ci_low"], row["test_ci_high"],
+                row["inference_ms_per_image"],
+            )
     board = ranked(rows)
     fsio.write_json(paths.LEADERBOARD, board)
     with fsio.atomic_file(paths.LEADERBOARD_MD) as tmp:
-        tmp.write_text(report_images.leaderboard_markdown(board, params.data.dataset, test.count))
+        tmp.write_text(report_images.leaderboard_markdown(board, params.data.dataset, val.count, test.count))
     keras_rows = [r for r in board if r["file"] in keras_models]
     if not keras_rows:
         raise UserError("no Keras model to crown: the champion must be a .keras file (predict loads it)")
-    champion = keras_models[keras_rows[0]["file"]]
-    crown(champion)
-    version = registry.register(champion, settings.registered_model, keras_rows[0], run)
-    run.set_tags({"champion": champion.name, "champion.version": version})
+    best, row = keras_models[keras_rows[0]["file"]], keras_rows[0]
+    crown(best)
+    fingerprint = imageset.fingerprint(test, classes)
+    name, version, decision = registry.register(best, settings.registered_model, row, fingerprint, run)
+    run.set_tags({
+        "champion": best.name, "registered_model": name, "registered.version": version,
+        "registered.alias": decision.alias, "test_fingerprint": fingerprint,
+    })
     run.log_artifact(paths.LEADERBOARD_MD)
     run.record({
         "models": len(board),
-        "champion_test_accuracy": keras_rows[0]["test_accuracy"],
-        "best_test_accuracy": board[0]["test_accuracy"],
+        "champion_val_accuracy": row["val_accuracy"],
+        "champion_test_accuracy": row["test_accuracy"],
+        "champion_test_ci_low": row["test_ci_low"],
+        "champion_test_ci_high": row["test_ci_high"],
         # The leaderboard is a list, which `dvc exp show` does not read: one column per model here.
-        "test_accuracy": {row["model"]: row["test_accuracy"] for row in board},
+        "val_accuracy": {r["model"]: r["val_accuracy"] for r in board},
+        "test_accuracy": {r["model"]: r["test_accuracy"] for r in board},
     })
     log.info(
-        "champion: %s (test accuracy %.4f), %s version %s",
-        champion.name, keras_rows[0]["test_accuracy"], settings.registered_model, version,
+        "best by validation: %s (val %.4f; test %.4f, 95%% interval %.4f-%.4f); %s version %s is the %s: %s",
+        best.name, row["val_accuracy"], row["test_accuracy"], row["test_ci_low"], row["test_ci_high"],
+        name, version, decision.alias, decision.reason,
     )
 
 
