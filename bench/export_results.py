@@ -1,4 +1,5 @@
-"""Write named DVC experiments' params and metrics (`dvc exp show --json`) to one JSON file under results/.
+"""Write named DVC experiments' params and metrics (`dvc exp show --json`, and each experiment's leaderboard
+from its commit) to one JSON file under results/.
 
     python -m bench.export_results results/rps.json rps-s1 rps-s2 --source "how and where they ran"
 
@@ -14,6 +15,12 @@ import sys
 from pathlib import Path
 
 from pipeline import fsio
+
+
+def leaderboard(rev: str) -> list[dict]:
+    """The experiment's metrics/leaderboard.json from its commit: a list, which `dvc exp show` leaves out."""
+    shown = subprocess.run(["git", "show", f"{rev}:metrics/leaderboard.json"], capture_output=True, text=True, check=True)
+    return json.loads(shown.stdout)
 
 
 def experiments(shown: list[dict], names: set[str]) -> dict[str, dict]:
@@ -48,6 +55,8 @@ def main() -> int:
     if missing:
         print(f"not among the experiments: {', '.join(missing)}", file=sys.stderr)
         return 1
+    for record in found.values():
+        record["leaderboard"] = leaderboard(record["rev"])
     fsio.write_json(args.out, {"source": args.source, "experiments": [found[name] for name in args.names]})
     return 0
 
