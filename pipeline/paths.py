@@ -5,6 +5,7 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 
 DATA = Path("data")
 RAW = DATA / "raw.tar"                  # download: one uncompressed tar, members <class>/<file>

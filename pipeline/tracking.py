@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -30,6 +31,16 @@ from pipeline.params import Params
 # A stage waits this long for an HTTP tracking server before saying it is unreachable (MLflow's own
 # client retries for minutes, then fails with a traceback).
 SERVER_PROBE_SECONDS = 10
+SYSTEM_METRICS_SECONDS = 2
+# Experiment tags: the UI opens the experiment on its training runs (not MLflow 3's GenAI overview), and a
+# shared view of the runs page grouped by DVC experiment, opened by URL:
+# <ui>/#/experiments/<id>/runs?viewStateShareKey=by-experiment
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.sharedViewState.by-experiment": json.dumps(
+        {"groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "dvc.exp_name"}]}}
+    ),
+}
 
 
 def tracking_uri(params: Params) -> str:
@@ -56,14 +67,76 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 def stage_params(stage: str, params: Params, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
     """The params `stage` depends on, as dvc.yaml lists them; all params where dvc.yaml has no such stage."""
     tree = params.model_dump(mode="json")
-    try:
-        declared = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("params", [])
-    except (FileNotFoundError, KeyError, TypeError):
+    stages = _stages(dvc_yaml)
+    if stage not in stages:
         return tree
+    declared = stages[stage].get("params", [])
     keys: list[str] = []
     for entry in declared:  # a key of params.yaml, or {other_file: [keys]}
         keys.extend([entry] if isinstance(entry, str) else entry.get(str(paths.PARAMS), []))
     return {key: _lookup(tree, key) for key in keys}
+
+
+def _stages(dvc_yaml: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(dvc_yaml.read_text())["stages"]
+    except (FileNotFoundError, KeyError, TypeError):
+        return {}
+
+
+# What a stage's dataset version is: the dataset as decoded and split (every stage from augment on reads it,
+# directly or through its augmented copies and features), or as downloaded (preprocess).
+DATASET_VERSIONS = (paths.PREPARED.as_posix(), paths.RAW.as_posix())
+
+
+def data_digest(stage: str, dvc_yaml: Path = paths.DVC_YAML, dvc_lock: Path = paths.DVC_LOCK) -> str | None:
+    """DVC's hash of the dataset version `stage` read: the md5 dvc.lock records for data/prepared (or
+    data/raw.tar), written by dvc repro as the upstream stage ended; for download, the md5 of the tar it
+    wrote. None where there is none to say."""
+    spec = _stages(dvc_yaml).get(stage)
+    if spec is None:
+        return None
+    read = next((path for path in DATASET_VERSIONS if path in spec.get("deps", [])), None)
+    if read is None:
+        return _file_md5(paths.RAW) if paths.RAW.as_posix() in spec.get("outs", []) else None
+    if not dvc_lock.is_file():
+        return None
+    locked = yaml.safe_load(dvc_lock.read_text()).get("stages", {})
+    return next((out.get("md5") for entry in locked.values() for out in entry.get("outs", []) if out["path"] == read), None)
+
+
+def _file_md5(path: Path) -> str | None:
+    """md5 of a file, as DVC hashes one (None for a folder: DVC's folder hash is its own format)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_source(origin: str) -> Any:
+    """The MLflow dataset source of a dataset's origin: a URL, a local path, or a scheme such as tfds:NAME."""
+    if origin.startswith(("http://", "https://")):
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        return HTTPDatasetSource(origin)
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    return CodeDatasetSource({"origin": origin})
+
+
+def log_dataset(stage: str, params: Params) -> None:
+    """The data this stage read as an MLflow input: the Dataset column then says which data (the dataset's
+    name and origin) and which version (DVC's hash): the same digest is the same data."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = data_digest(stage)
+    if digest is not None:
+        dataset = MetaDataset(dataset_source(params.data.spec.source), name=params.data.dataset, digest=digest)
+        mlflow.log_input(dataset, context=stage)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -148,6 +221,24 @@ class StageRun:
         with self.timed():
             mlflow.log_metrics(dict(metrics), step=step)
 
+    def log_experiment(self, params: Params) -> None:
+        """Make this run the experiment's row: every param of params.yaml (flattened keys) and each earlier
+        stage's seconds (from its metrics file), beside the stage's own scores. evaluate calls it, so that
+        the evaluate runs alone are the table of experiments."""
+        import mlflow
+
+        values = _loggable(flatten(params.model_dump(mode="json")))
+        keys = sorted(values)
+        with self.timed():
+            for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
+                mlflow.log_params({key: values[key] for key in keys[start : start + 100]})
+        seconds = {}
+        for stage in _stages(paths.DVC_YAML):
+            written = paths.metrics_file(stage)
+            if stage != self.stage and written.is_file():
+                seconds[stage] = fsio.read_json(written).get("stage_seconds")
+        self.record({"seconds_by_stage": {k: v for k, v in seconds.items() if v is not None}})
+
     @contextmanager
     def nested(self, name: str, params: Mapping[str, Any], kind: str = "model") -> Iterator[str]:
         """A child run of the stage's run (a model, a trial); yields its run id."""
@@ -190,6 +281,26 @@ def close_orphans(client: Any, experiment_id: str) -> list[str]:
     return [run.info.run_id for run in orphans]
 
 
+def run_name(stage: str, params: Params, params_hash: str) -> str:
+    """`evaluate · cats` under `dvc exp run -n cats`; `evaluate · rps-1a2b3c` (dataset, params hash) outside it,
+    so runs of different experiments are told apart in the runs list."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{stage} · {experiment}" if experiment else f"{stage} · {params.data.dataset}-{params_hash[:6]}"
+
+
+def peak_rss_mb() -> float:
+    """The stage's peak resident memory: this process's high-water mark (VmHWM, not ru_maxrss, which a forked
+    child inherits from its parent) or its largest finished child (preprocess's decoding pool), in MB."""
+    own = 0.0
+    try:
+        with open("/proc/self/status") as status:
+            own = next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0) / 1024
+    except OSError:
+        pass
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return round(max(own, children), 1)
+
+
 def _experiment_id(client: Any, name: str) -> str:
     """The experiment's id, creating it with artifacts in the workspace's mlruns/ (not the cwd's)."""
     from mlflow.exceptions import MlflowException
@@ -201,10 +312,13 @@ def _experiment_id(client: Any, name: str) -> str:
             f"{found.experiment_id}) or set mlflow.experiment to another name"
         )
     if found is not None:
+        for key, value in EXPERIMENT_TAGS.items():  # experiments made before these tags existed get them too
+            if found.tags.get(key) != value:
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = (paths.workspace_root() / paths.MLRUNS / "artifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:  # created meanwhile by a parallel `dvc queue` worker
         return client.get_experiment_by_name(name).experiment_id
 
@@ -228,13 +342,20 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
         close_orphans(client, experiment_id)
         values = stage_params(stage, params)
         run.tags = run_tags(stage, values, device)
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run.tags)
+        # System metrics (CPU, memory, GPU) sampled every 2 s, so that short stages get some too.
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
+        mlflow.set_system_metrics_samples_before_logging(1)
+        active = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name(stage, params, run.tags["params.hash"]), tags=run.tags,
+            log_system_metrics=True,
+        )
         mlflow.log_params(_loggable(flatten(values)))
     print(f"[{stage}] MLflow run {active.info.run_id} in {mlflow.get_tracking_uri()}", file=sys.stderr)
     with active:
         yield run
         with run.timed():
             mlflow.log_metrics(flatten(run.metrics))
+            log_dataset(stage, params)
         seconds = time.perf_counter() - start
         work_seconds = seconds - run.tracking_seconds
         timings = {
@@ -242,6 +363,7 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
             # Throughput of the stage's own work; the tracking overhead is reported beside it.
             "images_per_second": round(run.images / work_seconds, 2) if run.images else 0.0,
             "tracking_seconds": round(run.tracking_seconds, 3),
+            "peak_rss_mb": peak_rss_mb(),
         }
         mlflow.log_metrics(timings)
         fsio.write_json(paths.metrics_file(stage), {**run.metrics, **timings})

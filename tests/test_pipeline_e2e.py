@@ -2,8 +2,11 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -25,6 +28,25 @@ def sh(cwd: Path, *args: str, env: dict, check: bool = True) -> subprocess.Compl
 
 def output(done: subprocess.CompletedProcess) -> str:
     return done.stdout + done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    """Until `url` answers 200 (the server is up), or fail saying so."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "the server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {seconds} s")
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +189,46 @@ def test_device_experiment_reruns_only_the_model_stages(project):
     assert {r.data.params.get("train.device") for r in from_exp} == {"auto"}
     shown = output(sh(root, "dvc", "exp", "show", "--no-pager", "--md", env=env))
     assert "on-auto" in shown and "images_per_second" in shown and "test_accuracy" in shown
+    # MLflow tells the experiments apart: run names, the data each stage read (same data: same digest),
+    # system metrics, and the evaluate run as the experiment's row.
+    assert {r.info.run_name for r in from_exp} == {f"{stage} · on-auto" for stage in MODEL_STAGES}
+    baseline = {r.data.tags["stage"]: r for r in runs if not r.data.tags["dvc.exp_name"]}
+    for run in from_exp:
+        [read] = run.inputs.dataset_inputs
+        [before] = baseline[run.data.tags["stage"]].inputs.dataset_inputs
+        assert read.dataset.name == "tiny" and read.dataset.digest == before.dataset.digest
+        assert any(key.startswith("system/") for key in run.data.metrics)
+    [row] = [r for r in from_exp if r.data.tags["stage"] == "evaluate"]
+    assert row.data.params["train.device"] == "auto" and row.data.params["data.dataset"] == "tiny"
+    assert "val_accuracy.random_forest" in row.data.metrics and "seconds_by_stage.baselines" in row.data.metrics
+
+
+def test_the_runs_page_groups_runs_by_experiment_in_a_browser(project):
+    """The MLflow UI in headless chromium: the shared view groups runs by dvc.exp_name; a screenshot is kept."""
+    root, env, _ = project
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium here (Debian: apt-get install -y chromium)")
+    experiment = [r for r in stage_runs(root) if r.data.tags.get("dvc.exp_name") == "on-auto"][0].info.experiment_id
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server)
+        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?viewStateShareKey=by-experiment"
+        screenshots = REPO / "reports" / "screenshots"
+        screenshots.mkdir(parents=True, exist_ok=True)
+        browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                  "--window-size=1600,1000"]
+        page = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        shot = screenshots / "mlflow_runs_by_experiment.png"
+        subprocess.run([*browse, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "Group by: dvc.exp_name" in page
+    assert "on-auto" in page
+    assert shot.stat().st_size > 10_000

@@ -168,7 +168,7 @@ def test_a_full_disk_is_a_clear_error_the_run_failed_and_nothing_half_written(tm
     assert sorted(done.stdout.split()) == ["raw.json", "raw.tar"]  # no prepared/, no temporary
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     [run] = mlflow.search_runs(experiment_names=["image-pipeline"], output_format="list")
-    assert run.info.status == "FAILED" and run.info.run_name == "preprocess"
+    assert run.info.status == "FAILED" and run.info.run_name.startswith("preprocess · ")
 
 
 @pytest.mark.parametrize("stage, missing, writer", [("baselines", "data/prepared", "preprocess"), ("preprocess", "data/raw.tar", "download")])

@@ -177,6 +177,7 @@ def main(params: Params, run: StageRun) -> None:
         "registered.alias": decision.alias, "test_fingerprint": fingerprint,
     })
     run.log_artifact(paths.LEADERBOARD_MD)
+    run.log_experiment(params)
     run.record({
         "models": len(board),
         "champion_val_accuracy": row["val_accuracy"],
