@@ -35,7 +35,7 @@ def child(data: Path, deterministic: bool, epochs: int) -> dict[str, float | str
     model = cnn.build("cnn3_small", params.preprocess.image_size, params.baselines.pixels_size, 3, True)
     training.compile_classifier(model, params.baselines.learning_rate, settings)
     on_the_fly = training.on_the_fly(params.model_copy(update={"train": settings}))
-    result, seconds = common.timed(
+    _, seconds = common.timed(
         training.fit, model, train, val, settings=settings, epochs=epochs, run=common.NoTracking(), seed=params.seed,  # type: ignore[arg-type]
         **on_the_fly,
     )
@@ -60,12 +60,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         common.rps_sample(common.RPS, params.preprocess, {"train": args.train, "val": 150}, params.seed, Path(scratch))
         for _ in range(args.repeats):
-            for arm in arms:
+            for arm, fits in arms.items():
                 done = subprocess.run(
                     [sys.executable, "-m", "bench.determinism", "--child", arm, "--data", scratch, "--epochs", str(args.epochs)],
                     capture_output=True, text=True, check=True, env=common.venv_env(), cwd=common.ROOT,
                 )
-                arms[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                fits.append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = {arm: max(fit["images_per_second"] for fit in fits) for arm, fits in arms.items()}
     common.write_result("determinism", {
         "train_images": args.train, "epochs": args.epochs, "fits": arms,

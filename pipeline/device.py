@@ -5,10 +5,10 @@ TensorFlow silently falls back to the CPU when a GPU is missing; `device=gpu` he
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata

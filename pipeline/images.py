@@ -93,7 +93,7 @@ def _refused_format(opened: Path | BinaryIO) -> str | None:
     try:
         with Image.open(opened) as image:
             return image.format
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parser failure: the file is simply not recognised
         return None
 
 
@@ -135,7 +135,7 @@ def load_rgb(source: ImageSource, *, max_pixels: int, min_size: int = 1, draft: 
     except OSError as exc:
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise BadImage(f"{kind}: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad file
         raise BadImage(f"corrupt: {type(exc).__name__}: {exc}") from None
 
 

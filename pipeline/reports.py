@@ -62,8 +62,10 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], dataset: str, val_image
         return str(row.get(column, ""))
 
     lines = [
-        f"# Leaderboard: {dataset}, ranked by validation accuracy ({val_images} val images); "
-        f"test ({test_images} images) reported, never used to choose",
+        (
+            f"# Leaderboard: {dataset}, ranked by validation accuracy ({val_images} val images); "
+            f"test ({test_images} images) reported, never used to choose"
+        ),
         "",
         "| rank | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),

@@ -209,7 +209,7 @@ def test_the_runs_page_groups_runs_by_experiment_in_a_browser(project):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium here (Debian: apt-get install -y chromium)")
-    experiment = [r for r in stage_runs(root) if r.data.tags.get("dvc.exp_name") == "on-auto"][0].info.experiment_id
+    experiment = next(r for r in stage_runs(root) if r.data.tags.get("dvc.exp_name") == "on-auto").info.experiment_id
     port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -223,7 +223,7 @@ def test_the_runs_page_groups_runs_by_experiment_in_a_browser(project):
         screenshots.mkdir(parents=True, exist_ok=True)
         browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
                   "--window-size=1600,1000"]
-        page = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        page = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
         shot = screenshots / "mlflow_runs_by_experiment.png"
         subprocess.run([*browse, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
     finally:

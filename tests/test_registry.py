@@ -30,7 +30,7 @@ def test_versions_per_dataset_champion_moves_only_for_a_better_model(workspace, 
 
     assert evaluate("rps", 0.70)[:2] == ("image-classifier-rps", "1")
     assert evaluate("cats", 0.95)[:2] == ("image-classifier-cats", "1")  # another dataset: its own model
-    name, version, decision = evaluate("rps", 0.60)  # worse: a challenger
+    _, version, decision = evaluate("rps", 0.60)  # worse: a challenger
     assert (version, decision.alias) == ("2", "challenger")
     assert evaluate("rps", 0.75)[1:] == ("3", registry.Decision("champion", "val_accuracy 0.7500 beats the champion's 0.7000"))
     assert evaluate("rps", 0.10, fingerprint="a-new-split")[2].alias == "champion"  # a new lineage

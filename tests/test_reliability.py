@@ -102,9 +102,9 @@ def test_a_deleted_experiment_is_one_clear_line(workspace, params):
         pass
     client = mlflow.MlflowClient()
     client.delete_experiment(client.get_experiment_by_name(params.mlflow.experiment).experiment_id)
-    with pytest.raises(UserError, match=r"experiment 'image-pipeline' is deleted: restore it \(mlflow experiments restore"):
-        with tracking.stage_run("preprocess", params, device.cpu_only()):
-            pytest.fail("the stage body must not run")
+    deleted = r"experiment 'image-pipeline' is deleted: restore it \(mlflow experiments restore"
+    with pytest.raises(UserError, match=deleted), tracking.stage_run("preprocess", params, device.cpu_only()):
+        pytest.fail("the stage body must not run")
 
 
 def test_an_unreachable_tracking_server_fails_fast_with_one_line(workspace, params, monkeypatch):
@@ -112,9 +112,9 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line(workspace, para
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed}")
-    with pytest.raises(UserError, match=rf"tracking server http://127.0.0.1:{closed} is unreachable"):
-        with tracking.stage_run("preprocess", params, device.cpu_only()):
-            pytest.fail("the stage body must not run")
+    unreachable = rf"tracking server http://127.0.0.1:{closed} is unreachable"
+    with pytest.raises(UserError, match=unreachable), tracking.stage_run("preprocess", params, device.cpu_only()):
+        pytest.fail("the stage body must not run")
 
     silent = socket.socket()  # accepts connections, never answers
     silent.bind(("127.0.0.1", 0))
@@ -123,9 +123,8 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line(workspace, para
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
     start = time.monotonic()
     try:
-        with pytest.raises(UserError, match="is unreachable"):
-            with tracking.stage_run("preprocess", params, device.cpu_only()):
-                pass
+        with pytest.raises(UserError, match="is unreachable"), tracking.stage_run("preprocess", params, device.cpu_only()):
+            pass
     finally:
         silent.close()
     assert time.monotonic() - start < 10
@@ -142,7 +141,7 @@ def _tmpfs_runner() -> list[str] | None:
     if shutil.which(as_root[0]) is None:
         return None
     probe = subprocess.run([*as_root, "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d"],
-                           capture_output=True, timeout=30)
+                           capture_output=True, timeout=30, check=False)
     return as_root if probe.returncode == 0 else None
 
 
@@ -161,7 +160,7 @@ def test_a_full_disk_is_a_clear_error_the_run_failed_and_nothing_half_written(tm
         f"mount -t tmpfs -o size=1m tmpfs data && ln -s {tar} data/raw.tar && ln -s {tar.with_suffix('.json')} data/ && "
         f"{sys.executable} -m pipeline.stages.preprocess; code=$?; ls -A data; umount data; exit $code"
     )
-    done = subprocess.run([*runner, script], cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*runner, script], cwd=project, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: no space left on the device writing" in done.stderr
     assert "Traceback" not in done.stderr
@@ -176,7 +175,7 @@ def test_a_stage_run_before_its_inputs_exist_names_them_and_their_stage(tmp_path
     shutil.copy(REPO / "dvc.yaml", tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path)
     done = subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"error: {missing} is missing: run `dvc repro {writer}` first (it writes {missing})"
     assert not (tmp_path / "mlruns").exists()  # refused before any run was opened

@@ -64,6 +64,6 @@ def load(path: Path) -> Any:
         unexpected = sorted(set(untrusted) - set(TRUSTED))
         if not unexpected:
             return sio.load(path, trusted=untrusted)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - not a skops archive (a pickle renamed), or a damaged one
         raise UserError(f"{path}: cannot load the skops model ({type(exc).__name__}: {exc})") from None
     raise UserError(f"{path} holds types this pipeline never saves ({', '.join(unexpected)}); refusing to load it")

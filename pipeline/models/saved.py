@@ -185,7 +185,7 @@ def _load_keras(path: Path) -> Any:
 
     try:
         return keras.saving.load_model(path, safe_mode=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: say which one
         raise UserError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from None
 
 

@@ -84,7 +84,7 @@ class RawTar:
         self.path = path
         self.files: list[dict[str, Any]] = []
         self.renamed: list[dict[str, str]] = []
-        self._stream: BinaryIO = open(path, "wb")
+        self._stream: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()/abort()
         self._offset = 0
 
     def add(self, name: str, size: int, source: BinaryIO) -> None:
