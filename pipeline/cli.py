@@ -36,11 +36,9 @@ def run(main: Callable[[], None]) -> None:
 def check_inputs(stage: str, dvc_yaml: Path) -> None:
     """Every output of another stage that dvc.yaml lists as this stage's dependency exists, else one line
     naming it and the stage that writes it: a stage run by hand before its inputs exist must not fail deep inside."""
-    if not dvc_yaml.is_file():
-        return
-    import yaml
+    from pipeline.tracking import dvc_stages
 
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    stages = dvc_stages(dvc_yaml)
     writer = {
         out if isinstance(out, str) else next(iter(out)): name
         for name, spec in stages.items()

@@ -6,7 +6,6 @@ archive members may not escape their folder or be links or devices.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import BinaryIO, TypeVar
 
 from tqdm import tqdm
 
+from pipeline import fsio
 from pipeline.errors import UserError
 from pipeline.params import DownloadParams, parse_checksum
 
@@ -45,20 +45,12 @@ class DownloadError(UserError):
     """A download failed for good (HTTP 4xx, checksum mismatch, too large, retries or deadline exhausted)."""
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path, checksum: str | None, what: str) -> str:
     """sha256 of `path`; a DownloadError if it does not match `checksum` (sha256 or md5 form)."""
-    sha256 = file_digest(path)
+    sha256 = fsio.file_digest(path)
     if checksum:
         algorithm, expected = parse_checksum(checksum)
-        actual = sha256 if algorithm == "sha256" else file_digest(path, algorithm)
+        actual = sha256 if algorithm == "sha256" else fsio.file_digest(path, algorithm)
         if actual != expected:
             raise DownloadError(f"{what}: {algorithm} is {actual}, expected {expected} (corrupt or changed upstream)")
     return sha256

@@ -6,6 +6,7 @@ that no longer run; those of a live process (a parallel `dvc exp run`) are left 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,6 +98,15 @@ def atomic_file(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """A file's hex digest, read 1 MB at a time (md5 is also how DVC hashes a file)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(target: Path, data: Any) -> None:

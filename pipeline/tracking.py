@@ -67,7 +67,7 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 def stage_params(stage: str, params: Params, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
     """The params `stage` depends on, as dvc.yaml lists them; all params where dvc.yaml has no such stage."""
     tree = params.model_dump(mode="json")
-    stages = _stages(dvc_yaml)
+    stages = dvc_stages(dvc_yaml)
     if stage not in stages:
         return tree
     declared = stages[stage].get("params", [])
@@ -77,7 +77,8 @@ def stage_params(stage: str, params: Params, dvc_yaml: Path = paths.DVC_YAML) ->
     return {key: _lookup(tree, key) for key in keys}
 
 
-def _stages(dvc_yaml: Path) -> dict[str, Any]:
+def dvc_stages(dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
+    """dvc.yaml's stages; none where there is no dvc.yaml (a stage run outside a project)."""
     try:
         return yaml.safe_load(dvc_yaml.read_text())["stages"]
     except (FileNotFoundError, KeyError, TypeError):
@@ -93,31 +94,22 @@ def data_digest(stage: str, dvc_yaml: Path = paths.DVC_YAML, dvc_lock: Path = pa
     """DVC's hash of the dataset version `stage` read: the md5 dvc.lock records for data/prepared (or
     data/raw.tar), written by dvc repro as the upstream stage ended; for download, the md5 of the tar it
     wrote. None where there is none to say."""
-    spec = _stages(dvc_yaml).get(stage)
+    spec = dvc_stages(dvc_yaml).get(stage)
     if spec is None:
         return None
     read = next((path for path in DATASET_VERSIONS if path in spec.get("deps", [])), None)
     if read is None:
-        return _file_md5(paths.RAW) if paths.RAW.as_posix() in spec.get("outs", []) else None
+        wrote_raw = paths.RAW.as_posix() in spec.get("outs", []) and paths.RAW.is_file()
+        return fsio.file_digest(paths.RAW, "md5") if wrote_raw else None
     if not dvc_lock.is_file():
         return None
     locked = yaml.safe_load(dvc_lock.read_text()).get("stages", {})
     return next((out.get("md5") for entry in locked.values() for out in entry.get("outs", []) if out["path"] == read), None)
 
 
-def _file_md5(path: Path) -> str | None:
-    """md5 of a file, as DVC hashes one (None for a folder: DVC's folder hash is its own format)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_source(origin: str) -> Any:
-    """The MLflow dataset source of a dataset's origin: a URL, a local path, or a scheme such as tfds:NAME."""
+    """The MLflow dataset source of a dataset's origin: an HTTP one for a URL, else the origin as written
+    (a local path, tfds:NAME, sklearn:digits)."""
     if origin.startswith(("http://", "https://")):
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
@@ -233,7 +225,7 @@ class StageRun:
             for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
                 mlflow.log_params({key: values[key] for key in keys[start : start + 100]})
         seconds = {}
-        for stage in _stages(paths.DVC_YAML):
+        for stage in dvc_stages():
             written = paths.metrics_file(stage)
             if stage != self.stage and written.is_file():
                 seconds[stage] = fsio.read_json(written).get("stage_seconds")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fetch
+from pipeline import fetch, fsio
 from pipeline.errors import UserError
 from pipeline.fetch import DownloadError
 from pipeline.params import DownloadParams
@@ -544,8 +544,8 @@ def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
 def test_file_digest_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(PAYLOAD * 5)  # > 1 MiB: several read blocks
-    assert fetch.file_digest(path) == hashlib.sha256(PAYLOAD * 5).hexdigest()
-    assert fetch.file_digest(path, "md5") == hashlib.md5(PAYLOAD * 5).hexdigest()
+    assert fsio.file_digest(path) == hashlib.sha256(PAYLOAD * 5).hexdigest()
+    assert fsio.file_digest(path, "md5") == hashlib.md5(PAYLOAD * 5).hexdigest()
     assert os.path.getsize(path) > 1 << 20
 
 

@@ -411,7 +411,7 @@ def resolve_weights(
     shutil.copyfile(source, dest / source.name)  # keeps the suffix: Keras picks the h5 format by it
     return record | {
         "file": source.name,
-        "sha256": fetch.file_digest(dest / source.name),
+        "sha256": fsio.file_digest(dest / source.name),
         "bytes": source.stat().st_size,
         "served_by": served,
         "location": str(source) if served != "origin" else BACKBONES[transfer.backbone].notop_weights[0],
