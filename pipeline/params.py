@@ -284,12 +284,23 @@ class TransferParams(Section):
         default_factory=dict, description="backbone -> local copies of its ImageNet weights, tried first"
     )
     image_size: int = Field(ge=71, le=1024)
+    features_block: str | None = Field(description="the backbone block whose output is pooled; null = its last")
     dropout: float = Field(ge=0, lt=1)
     epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     fine_tune_epochs: int = Field(ge=0)
     fine_tune_layers: int = Field(ge=0)
     fine_tune_learning_rate: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _known_block(self) -> TransferParams:
+        blocks = BACKBONES[self.backbone].blocks
+        if self.features_block is not None and self.features_block not in blocks:
+            known = ", ".join(blocks) if blocks else "none: only null"
+            raise ValueError(
+                f"transfer.features_block={self.features_block!r} is not a block of {self.backbone} (known: {known})"
+            )
+        return self
 
 
 class EvaluateParams(Section):

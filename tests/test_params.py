@@ -47,6 +47,8 @@ def test_repository_params_are_valid():
         (lambda r: r["baselines"].update(models=["mlp", "svm"]), "baselines.models.1: Input should be"),
         (lambda r: r["baselines"].update(models=["mlp", "mlp"]), "baselines.models: lists a model twice"),
         (lambda r: r["transfer"].update(image_size=32), "transfer.image_size: Input should be greater than or equal to 71"),
+        (lambda r: r["transfer"].update(features_block="block14"), "transfer.features_block='block14' is not a block of xception (known: block4,"),
+        (lambda r: r["transfer"].update(backbone="vgg16"), "transfer.features_block='block13' is not a block of vgg16 (known: none: only null)"),
         (lambda r: r["data"]["datasets"]["rps"].update(checksum="abc"), "data.datasets.rps.checksum: must be a sha256"),
     ],
 )

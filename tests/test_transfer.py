@@ -80,3 +80,21 @@ def test_features_stream_in_record_order_with_labels_and_index(base, settings, t
         np.concatenate([b["x"] for b in stored.batches(7)]), extractor.predict(raw, verbose=0), atol=1e-4
     )
     np.testing.assert_array_equal(stored.rows, split.rows)
+
+
+def test_a_base_cut_at_a_block_pools_that_block_and_round_trips(settings, params, tmp_path):
+    keras.utils.set_random_seed(0)
+    full = backbones.base_model(settings.backbone, settings.image_size, None)
+    cut = backbones.base_model(settings.backbone, settings.image_size, None, "block13")
+    cut.set_weights(full.get_weights()[: len(cut.get_weights())])  # block 14's weights come last
+    raw = images()
+    features = backbones.feature_extractor(cut, settings.backbone, settings.image_size).predict(raw, verbose=0)
+    assert features.shape == (6, 1024)  # block 13's 1024 channels, not block 14's 2048
+    block13 = keras.Model(full.input, full.get_layer("block14_sepconv1").input)
+    prepared = keras.applications.xception.preprocess_input(keras.ops.image.resize(raw.astype("float32"), (71, 71)))
+    np.testing.assert_allclose(features, keras.ops.mean(block13(prepared), axis=(1, 2)), atol=1e-4)
+
+    head = backbones.build_head(1024, 3, settings.dropout)
+    exported = transfer.export_model(cut, head, settings)
+    path = saved.save_keras(exported, tmp_path, {"name": "xception_transfer", "classes": ["a", "b", "c"], "image_size": 71, "resize": "stretch"})
+    np.testing.assert_allclose(saved.load(path).predict_proba(raw), exported.predict(raw, verbose=0), atol=1e-6)

@@ -21,17 +21,21 @@ def weights_file(weights_dir: Path) -> Path | None:
     return weights_dir / record["file"] if record["file"] else None
 
 
-def base_model(backbone: str, image_size: int, weights: Path | None) -> keras.Model:
-    """The convolutional base without its top; ImageNet weights from a local file, or random."""
+def base_model(backbone: str, image_size: int, weights: Path | None, block: str | None = None) -> keras.Model:
+    """The convolutional base without its top; ImageNet weights from a local file, or random. With `block`
+    (a name from the catalog), the base ends at that block's output: the blocks after it are never run."""
     constructor = getattr(keras.applications, BACKBONES[backbone].constructor)
     try:
-        return constructor(
+        base = constructor(
             include_top=False,
             weights=str(weights) if weights else None,
             input_shape=(image_size, image_size, 3),
         )
     except ValueError as exc:  # a too-small input, or weights for another architecture
         raise UserError(f"cannot build {backbone} at transfer.image_size={image_size} with weights {weights}: {exc}") from None
+    if block is None:
+        return base
+    return keras.Model(base.input, base.get_layer(BACKBONES[backbone].blocks[block]).input, name=f"{base.name}_to_{block}")
 
 
 def feature_extractor(base: keras.Model, backbone: str, image_size: int) -> keras.Model:

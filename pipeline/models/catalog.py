@@ -6,7 +6,7 @@ their checksums are the ones keras.applications itself fetches (ImageNet, withou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -16,13 +16,16 @@ class Backbone:
     constructor: str  # keras.applications.<constructor>
     module: str  # keras.applications.<module>.preprocess_input
     notop_weights: tuple[str, str] | None  # (URL, checksum); None where Keras pins no single file
+    # Block name -> the layer whose input is that block's output: where `transfer.features_block` cuts the
+    # base. Named layers, not Keras' auto-numbered `add_N`, whose numbers depend on what was built before.
+    blocks: dict[str, str] = field(default_factory=dict)
 
 
 BACKBONES: dict[str, Backbone] = {
     "xception": Backbone("Xception", "xception", (
         _KERAS_APPLICATIONS + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "md5:b0042744bf5b25fce3cb969f33bebb97",
-    )),
+    ), {f"block{n}": f"block{n + 1}_sepconv1_act" for n in range(4, 13)} | {"block13": "block14_sepconv1"}),
     "vgg16": Backbone("VGG16", "vgg16", (
         _KERAS_APPLICATIONS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "md5:6d6bbae143d832006294945121d1f1fc",

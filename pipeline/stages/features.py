@@ -32,7 +32,9 @@ def sources(params: Params) -> dict[str, tuple[Path, str]]:
 @cli.stage("features")
 def main(params: Params, run: StageRun) -> None:
     settings = params.transfer
-    base = backbones.base_model(settings.backbone, settings.image_size, backbones.weights_file(paths.WEIGHTS))
+    base = backbones.base_model(
+        settings.backbone, settings.image_size, backbones.weights_file(paths.WEIGHTS), settings.features_block
+    )
     extractor = backbones.feature_extractor(base, settings.backbone, settings.image_size)
     feature_size = int(extractor.output.shape[-1])
     counts: dict[str, int] = {}

@@ -81,7 +81,9 @@ def main(params: Params, run: StageRun) -> None:
         curves_rows += [{**row, "phase": 1} for row in phase1.rows]
         run.images += phase1.images_seen
 
-        base = backbones.base_model(settings.backbone, settings.image_size, backbones.weights_file(paths.WEIGHTS))
+        base = backbones.base_model(
+            settings.backbone, settings.image_size, backbones.weights_file(paths.WEIGHTS), settings.features_block
+        )
         model = export_model(base, head, settings)
         if settings.fine_tune_epochs:
             phase2 = fine_tune(model, base, training.training_set(params), val, params, run)
@@ -97,7 +99,7 @@ def main(params: Params, run: StageRun) -> None:
     with fsio.atomic_dir(paths.TRANSFER_MODELS) as out, fsio.atomic_dir(paths.CURVES / "transfer") as curves:
         meta = saved.model_meta(
             name, "transfer", params, classes,
-            backbone=settings.backbone, backbone_image_size=settings.image_size,
+            backbone=settings.backbone, backbone_image_size=settings.image_size, features_block=settings.features_block,
             fine_tuned_layers=settings.fine_tune_layers if settings.fine_tune_epochs else 0,
             parameters=model.count_params(),
         )
