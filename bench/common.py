@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def spread(seconds: list[float]) -> dict[str, Any]:
         "min_seconds": round(min(seconds), 3),
         "median_seconds": round(statistics.median(seconds), 3),
     }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def venv_env() -> dict[str, str]:
@@ -107,6 +115,12 @@ def raw_tar(source: Path, tar: Path, group_pattern: str | None = None) -> Path:
     listing = materialise(spec, tar, tar.parent / "downloads", ROOT, params().download)
     fsio.write_json(tar.with_suffix(".json"), {"group_pattern": group_pattern, **listing})
     return tar
+
+
+def spread_photos(folder: Path, count: int) -> list[Path]:
+    """`count` .jpg photos spread evenly over a folder's sorted files (so every class is in, for rps)."""
+    files = sorted(folder.rglob("*.jpg"))
+    return files[:: max(1, len(files) // count)][:count]
 
 
 def class_files(data: Path) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -91,9 +90,9 @@ def child(workspace: Path, stage: str, tracking_uri: str | None = None) -> dict[
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     command = [sys.executable, "-m", "bench.tracking_overhead", "--child", str(workspace), "--stage", stage]
-    done, seconds = common.timed(
-        subprocess.run, command, cwd=common.ROOT, env=env, capture_output=True, text=True, check=True
-    )
+    done, seconds = common.timed(subprocess.run, command, cwd=common.ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the timed stage run failed ({tracking_uri or 'sqlite'}):\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.splitlines()[-1]), "process_seconds": round(seconds, 3)}
 
 
@@ -104,9 +103,7 @@ def tracking_server(store: Path, timeout: float = 120) -> Iterator[str]:
     A client of a server loads only MLflow's REST store: SQLAlchemy, alembic and the schema check
     stay in the server, started once instead of once per stage.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = common.free_port()
     command = [
         "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{store / 'server.db'}", "--default-artifact-root", str(store / "artifacts"),

@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import SHARED, XCEPTION_WEIGHTS, class_files, params, timed, write_result
+from bench.common import (
+    SHARED,
+    XCEPTION_WEIGHTS,
+    class_files,
+    params,
+    timed,
+    write_result,
+)
 from pipeline.images import load_array
 from pipeline.splitting import assign_splits, group_of
 

@@ -217,6 +217,9 @@ class TrainParams(Section):
     on_the_fly_copies: int = Field(
         ge=1, le=100, description="with augment_on_the_fly: times each train image is streamed per epoch"
     )
+    strategy: Literal["auto", "none", "mirrored", "multi_worker"] = Field(
+        description="tf.distribute: auto = mirrored over the GPUs when more than one is visible"
+    )
 
     @model_validator(mode="after")
     def _copies_need_augmentation(self) -> TrainParams:
@@ -275,6 +278,19 @@ class TuneParams(Section):
     image_size: int = Field(ge=16, le=1024, description="side the searched models resize their input to")
     final_epochs: int = Field(ge=1, description="epochs when the best hyperparameters are retrained")
     space: SearchSpace
+    workers: int = Field(ge=0, le=64, description="worker processes on this machine; 0 = the search runs in the stage's process")
+    oracle: str | None = Field(
+        None, description="HOST:PORT the chief serves its oracle on (workers elsewhere dial it); null = 127.0.0.1, any port"
+    )
+
+    @field_validator("oracle")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"must be HOST:PORT with a port in 1-65535, such as '10.0.0.5:8470'; got {value!r}")
+        return value
 
 
 class TransferParams(Section):
@@ -327,6 +343,16 @@ class Params(Section):
     evaluate: EvaluateParams
     mlflow: MlflowParams
 
+    @model_validator(mode="after")
+    def _one_kind_of_distribution(self) -> Params:
+        # Keras Tuner's workers each run whole trials; multi_worker spreads one fit over TF_CONFIG's processes.
+        if self.tune.workers and self.train.strategy == "multi_worker":
+            raise ValueError(
+                "tune.workers > 0 runs each trial in one worker process, train.strategy=multi_worker spreads one fit "
+                "over several: set tune.workers to 0 or train.strategy to another value"
+            )
+        return self
+
 
 def parse_checksum(value: str) -> tuple[str, str]:
     """'HEX' (sha256), 'sha256:HEX' or 'md5:HEX' -> (algorithm, lowercase hex)."""
@@ -362,7 +388,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":  # our own validators: complete sentences, some naming the key
-        return message if message.startswith((f"{key} ", f"{key}.")) else f"{key}: {message}"
+        # A check across sections (the root: no key) names its keys itself.
+        return message if not key or message.startswith((f"{key} ", f"{key}.")) else f"{key}: {message}"
     return f"{key}: {message}; got {error['input']!r}"
 
 

@@ -33,6 +33,7 @@ LEADERBOARD_MD = REPORTS / "leaderboard.md"
 LEADERBOARD = METRICS / "leaderboard.json"
 
 MLRUNS = Path("mlruns")                 # MLflow: mlflow.db + artifacts/
+TEAM_STACK = Path(".team-stack")         # scripts/team-stack: PostgreSQL cluster, MLflow artifacts, DVC remote
 
 
 def metrics_file(stage: str) -> Path:

@@ -1,5 +1,8 @@
 """The MLflow model registry: one registered model per dataset, champion and challenger.
 
+Each version is the pyfunc of pipeline/serving.py: it takes image files (base64) and answers labels, so
+`mlflow models serve -m models:/<name>@champion` serves photos over HTTP.
+
 Every evaluate run registers its best Keras model (by validation) as a new version of
 `<evaluate.registered_model>-<dataset>`. The `champion` alias moves to it only when it beats the current
 champion by the selection score on the same test set (same fingerprint); otherwise it becomes the
@@ -10,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import device
+import numpy as np
+
+from pipeline import serving
 from pipeline.models import saved
 from pipeline.tracking import StageRun
 
@@ -50,25 +55,20 @@ def _champion_tags(client: Any, name: str) -> dict[str, str] | None:
 
 
 def register(
-    best: saved.SavedModel, registered_model: str, row: dict[str, Any], fingerprint: str, run: StageRun
+    best: saved.SavedModel, registered_model: str, row: dict[str, Any], fingerprint: str, run: StageRun,
+    example: np.ndarray,
 ) -> tuple[str, str, Decision]:
-    """Log `best` as an MLflow Keras model, register it under its dataset's name, alias it; return
-    (registered name, version, decision). Its version tags say what it scored, on which data, in which run."""
+    """Log `best` as the image-file pyfunc (serving.py; `example`, an RGB image, is its input example as a PNG file),
+    register it under its dataset's name, alias it; return (registered name, version, decision). Its version
+    tags say what it scored, on which data, in which run."""
     import mlflow
 
     name = registered_name(registered_model, best.meta["dataset"])
     with run.timed():
         client = mlflow.MlflowClient()
         decision = decide(_champion_tags(client, name), fingerprint, row[SELECTION_SCORE])
-        info = mlflow.keras.log_model(
-            best.model,
-            name="champion",
-            registered_model_name=name,
-            # Explicit: inferring requirements would load the model again in a subprocess.
-            pip_requirements=[
-                f"keras=={device.package_version('keras')}",
-                f"tensorflow=={device.package_version('tensorflow', 'tensorflow-cpu')}",
-            ],
+        info = serving.log_model(
+            best, serving.png_bytes(example), name="champion", registered_model_name=name,
             metadata={"classes": best.classes, "source": str(best.path)},
         )
         version = str(info.registered_model_version)

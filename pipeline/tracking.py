@@ -175,8 +175,11 @@ def run_tags(stage: str, values: Mapping[str, Any], device: DeviceInfo) -> dict[
 class StageRun:
     """The handle a stage logs through; it also counts the time spent in MLflow."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, parent_run_id: str | None = None) -> None:
         self.stage = stage
+        # Nested runs go under the active run, or under this run of another process (a tune worker's trials
+        # under the chief's stage run, which the worker must not end).
+        self.parent_run_id = parent_run_id
         self.tags: dict[str, str] = {}  # copied onto nested runs, so they filter the same way
         self.metrics: dict[str, Any] = {}
         self.images = 0  # images the stage processed, for images_per_second
@@ -237,19 +240,31 @@ class StageRun:
         import mlflow
 
         with self.timed():
-            experiment_id = mlflow.active_run().info.experiment_id  # else MLflow files it under "Default"
-            child = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True, tags={**self.tags, kind: name})
+            parent = mlflow.get_run(self.parent_run_id) if self.parent_run_id else mlflow.active_run()
+            experiment_id = parent.info.experiment_id  # else MLflow files it under "Default"
+            child = mlflow.start_run(
+                experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.parent_run_id,
+                tags={**self.tags, kind: name},
+            )
             mlflow.log_params(_loggable(flatten(params)))
         with child:
             yield child.info.run_id
 
 
 def check_reachable(uri: str) -> None:
-    """An HTTP tracking server must answer its health check within seconds, else one clear line."""
-    if not uri.startswith(("http://", "https://")):
-        return
+    """The tracking store answers within seconds, else one clear line naming it. MLflow itself would retry
+    for minutes (an HTTP server) or most of an hour (a PostgreSQL store that is down) before a traceback."""
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri.rstrip("/"))
+    elif uri.startswith("postgresql"):
+        _check_database(uri)
+
+
+def _check_server(uri: str) -> None:
+    """Its health check, then one request that reads its backend store: a server whose database is down still
+    passes the first, then holds each request while it retries the database."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_SECONDS):
+        with urllib.request.urlopen(f"{uri}/health", timeout=SERVER_PROBE_SECONDS):
             pass
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -257,6 +272,45 @@ def check_reachable(uri: str) -> None:
             f"MLflow tracking server {uri} is unreachable ({reason}): start it, or set mlflow.tracking_uri "
             "(or MLFLOW_TRACKING_URI) to a server that runs"
         ) from None
+    try:
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        with urllib.request.urlopen(search, timeout=SERVER_PROBE_SECONDS):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:  # below, the store answered (an auth proxy's 401 included)
+            raise UserError(
+                f"MLflow tracking server {uri} fails to read its backend store (HTTP {exc.code}): "
+                "is its database (PostgreSQL) running?"
+            ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(
+            f"MLflow tracking server {uri} answers but cannot read its backend store within {SERVER_PROBE_SECONDS} s "
+            f"({getattr(exc, 'reason', exc)}): is its database (PostgreSQL) running?"
+        ) from None
+
+
+def _check_database(uri: str) -> None:
+    """A PostgreSQL backend store accepts a connection (a password in the URI is hidden in the message)."""
+    import sqlalchemy
+
+    shown = sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": SERVER_PROBE_SECONDS})
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"MLflow tracking store {shown} needs the {exc.name} driver: pip install -c constraints.txt -e '.[team]'"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise UserError(
+            f"MLflow tracking store {shown} is unreachable ({reason}): start PostgreSQL (scripts/team-stack start), "
+            "or set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a store that runs"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def close_orphans(client: Any, experiment_id: str) -> list[str]:
@@ -293,8 +347,16 @@ def peak_rss_mb() -> float:
     return round(max(own, children), 1)
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """The experiment's id, creating it with artifacts in the workspace's mlruns/ (not the cwd's)."""
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: the workspace's mlruns/ (not the cwd's); with a tracking
+    server, the server's own (None): under --serve-artifacts every client uploads through it."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return (paths.workspace_root() / paths.MLRUNS / "artifacts").as_uri()
+
+
+def _experiment_id(client: Any, name: str, location: str | None) -> str:
+    """The experiment's id, creating it with its artifacts at `location`."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -308,7 +370,6 @@ def _experiment_id(client: Any, name: str) -> str:
             if found.tags.get(key) != value:
                 client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
-    location = (paths.workspace_root() / paths.MLRUNS / "artifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:  # created meanwhile by a parallel `dvc queue` worker
@@ -330,7 +391,7 @@ def stage_run(stage: str, params: Params, device: DeviceInfo) -> Iterator[StageR
         check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
-        experiment_id = _experiment_id(client, params.mlflow.experiment)
+        experiment_id = _experiment_id(client, params.mlflow.experiment, artifact_location(uri))
         close_orphans(client, experiment_id)
         values = stage_params(stage, params)
         run.tags = run_tags(stage, values, device)

@@ -2,6 +2,11 @@
 
 Each fit logs its epochs to the active MLflow run (the model's nested run) and returns the rows
 that become the DVC learning-curve plot, plus a summary of the weights the model ends with.
+
+Under a tf.distribute strategy (train.strategy, set by pipeline.device) train.batch_size is each replica's
+batch: the streams carry batch_size x replicas, so an epoch takes 1/replicas of the steps, and the learning
+rate is multiplied by sqrt(replicas), the square-root rule for Adam (its update size does not grow with the
+batch as SGD's does; the linear rule, x replicas, made 2-replica fits at 0.01 oscillate in tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -51,9 +56,45 @@ def on_the_fly(params: Params) -> dict[str, Any]:
     return {"augmenter": build_augmenter(params.augment, params.seed), "copies": params.train.on_the_fly_copies}
 
 
+def replicas() -> int:
+    """Replicas of the tf.distribute strategy in force (1 without one)."""
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
+def global_batch(settings: TrainParams) -> int:
+    return settings.batch_size * replicas()
+
+
+def by_record(stream: Any) -> Any:
+    """A stream a multi-worker fit shards by record (DATA): every worker reads the same seeded order and
+    keeps its share. Sharding by shard file (TensorFlow's AUTO) would leave a worker without data where a
+    split has fewer shard files than there are workers. No effect without a multi-worker strategy."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return stream.with_options(options)
+
+
+def train_stream(
+    train: Split, settings: TrainParams, seed: int, *, keep: np.ndarray | None = None,
+    augmenter: keras.Layer | None = None, copies: int = 1,
+) -> Any:
+    """The shuffled training stream at the global batch."""
+    return by_record(imageset.stream(
+        train, global_batch(settings), shuffle_seed=seed, keep=keep, augmenter=augmenter, copies=copies
+    ))
+
+
+def val_stream(val: Split, settings: TrainParams) -> Any:
+    return by_record(imageset.stream(val, global_batch(settings)))
+
+
 def compile_classifier(model: keras.Model, learning_rate: float, settings: TrainParams) -> keras.Model:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate * replicas() ** 0.5),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=settings.xla,
@@ -149,8 +190,8 @@ def fit(
     callbacks = [logger, *plateau_callbacks(settings)]
     start = time.perf_counter()
     model.fit(
-        imageset.stream(train, settings.batch_size, shuffle_seed=seed, keep=keep, augmenter=augmenter, copies=copies),
-        validation_data=imageset.stream(val, settings.batch_size),
+        train_stream(train, settings, seed, keep=keep, augmenter=augmenter, copies=copies),
+        validation_data=val_stream(val, settings),
         epochs=epochs,
         shuffle=False,  # the stream shuffles
         callbacks=callbacks,
@@ -162,7 +203,7 @@ def fit(
 
 def predict(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:
     """Class probabilities for every record of `split`, in record order, streamed."""
-    return np.asarray(model.predict(imageset.stream(split, batch_size), verbose=0), dtype=np.float64)
+    return np.asarray(model.predict(by_record(imageset.stream(split, batch_size)), verbose=0), dtype=np.float64)
 
 
 def write_curves(rows: Sequence[Mapping[str, float]], path: Path) -> None:

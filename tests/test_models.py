@@ -87,6 +87,17 @@ def test_classic_round_trip(tmp_path, name):
     np.testing.assert_array_equal(loaded.predict_proba(images), estimator.predict_proba(features))
 
 
+@pytest.mark.parametrize("height, width, size", [(128, 128, 32), (299, 299, 32), (40, 50, 48), (20, 20, 32)])
+def test_classic_pixels_are_keras_antialiased_resize(height, width, size):
+    """Pillow computes the features without TensorFlow: the same as Keras' antialiased resize (which
+    the scikit-learn models were first trained on), down- and upscaling, within float32 round-off."""
+    images = uint8_images(4, height, width)
+    expected = keras.ops.convert_to_numpy(
+        keras.ops.image.resize(images.astype(np.float32), (size, size), antialias=True)
+    ).reshape(4, -1) / 255.0
+    np.testing.assert_allclose(classic.pixels(images, size), expected, rtol=0, atol=1e-5)
+
+
 def test_classic_load_refuses_untrusted_types(tmp_path):
     # FunctionTransformer(numpy.log1p) would not do: skops trusts numpy ufuncs by default, so the
     # file reports no untrusted type. os.system is exactly what a hostile model file would carry.

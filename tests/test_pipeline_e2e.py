@@ -1,52 +1,18 @@
 """The real thing: `dvc repro` of all stages and `dvc exp run` in a temporary copy, then MLflow and predict."""
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from .conftest import REPO, make_dataset, write_image
+from .conftest import REPO, free_port, output, sh, tiny_project, wait_for, write_image
 
 STAGES = ("download", "preprocess", "augment", "baselines", "tune", "features", "transfer", "evaluate")
 MODEL_STAGES = ("baselines", "tune", "features", "transfer", "evaluate")
-
-
-def sh(cwd: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
-def output(done: subprocess.CompletedProcess) -> str:
-    return done.stdout + done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
-    """Until `url` answers 200 (the server is up), or fail saying so."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "the server exited"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {seconds} s")
 
 
 @pytest.fixture(scope="module")
@@ -55,30 +21,7 @@ def project(tmp_path_factory):
 
     train.device=cpu: the same stages and numbers on every machine (a GPU one included).
     """
-    tmp_path = tmp_path_factory.mktemp("e2e")
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    photos = make_dataset(tmp_path / "photos", classes=3, shots=4, frames=3, size=(80, 60))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"] = {"dataset": "tiny", "datasets": {"tiny": {"source": str(photos)}}}
-    params["preprocess"].update(image_size=32, min_size=16)
-    params["augment"].update(copies=2, preview_images=3)
-    params["train"].update(batch_size=8, device="cpu")
-    # Each builder has its own unit test: here one of each kind, end to end.
-    params["baselines"].update(models=["random_forest", "mlp", "cnn3_small"], epochs=2, pixels_size=12, forest_trees=10)
-    params["tune"].update(max_trials=2, epochs=1, image_size=16, final_epochs=1)
-    params["transfer"].update(weights="none", image_size=71, epochs=3)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dvc.yaml's `python`
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh(root, "git", "init", "-q", env=env)
-    sh(root, "dvc", "init", "-q", env=env)
-    sh(root, "dvc", "config", "core.analytics", "false", env=env)
+    root, env = tiny_project(tmp_path_factory.mktemp("e2e"))
     first = output(sh(root, "dvc", "repro", env=env))
     return root, env, first
 

@@ -191,3 +191,20 @@ def test_a_model_that_cannot_be_used_exits_2_with_one_line(unusable_models, good
         assert done.stdout == ""
         assert done.stderr.startswith("error: ") and expected in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1  # no traceback
+
+
+def test_a_scikit_learn_model_predicts_without_importing_tensorflow(tmp_path, good):
+    """TensorFlow's import alone costs seconds: predict with a .skops model must not pay it."""
+    from pipeline.models import classic
+
+    images = np.stack([load_array(f, size=32, resize="stretch", max_pixels=predict.MAX_PIXELS) for f in good])
+    estimator = classic.estimator("logistic", seed=0, trees=1).fit(classic.pixels(images, 8), [0, 1, 2])
+    meta = {"name": "logistic", "stage": "baselines", "classes": CLASSES, "image_size": 32, "resize": "stretch", "pixels_size": 8}
+    path = saved.save_classic(estimator, tmp_path, meta)
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.predict", "--model", str(path), *map(str, good)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["label"] for r in lines(done.stdout)] == [CLASSES[i] for i in estimator.predict(classic.pixels(images, 8))]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "sklearn" in imported and "tensorflow" not in imported and "keras" not in imported

@@ -171,7 +171,8 @@ def main(params: Params, run: StageRun) -> None:
     best, row = keras_models[keras_rows[0]["file"]], keras_rows[0]
     crown(best)
     fingerprint = imageset.fingerprint(test, classes)
-    name, version, decision = registry.register(best, settings.registered_model, row, fingerprint, run)
+    example = test.take([0])[0]  # the registered model's input example
+    name, version, decision = registry.register(best, settings.registered_model, row, fingerprint, run, example)
     run.set_tags({
         "champion": best.name, "registered_model": name, "registered.version": version,
         "registered.alias": decision.alias, "test_fingerprint": fingerprint,

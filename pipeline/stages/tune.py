@@ -4,14 +4,25 @@ Each trial is a nested MLflow run, opened and closed by the tuner's own trial ho
 given to `search` are deep-copied per trial, so they cannot hold a tracking handle). The tuner's
 directory is a persistent DVC output keyed by the search's configuration: an interrupted search
 resumes where it stopped, and a changed one starts afresh beside it.
+
+With tune.workers > 0 the search uses Keras Tuner's own distributed mode: this process serves the
+oracle (Keras Tuner's gRPC OracleServicer) and starts the workers, `python -m pipeline.stages.tune
+--worker NAME --oracle HOST:PORT` (KERASTUNER_TUNER_ID / _ORACLE_IP / _ORACLE_PORT set from those),
+which ask it for trials, run them and log them under this stage's MLflow run. Workers on other machines
+join with the same command. The chief watches its own workers: one that dies gives its trial back.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import os
+import socket
+import subprocess
 import sys
 import time
+from concurrent import futures
 from contextlib import ExitStack
 from typing import Any
 
@@ -19,16 +30,22 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from pipeline import cli, fsio, imageset, paths, training
+from pipeline import cli, fsio, imageset, paths, tracking, training
+from pipeline.errors import UserError
 from pipeline.imageset import Split
 from pipeline.models import cnn, saved
-from pipeline.params import Params
+from pipeline.params import Params, TuneParams, load_params
 from pipeline.scores import scores
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("tune")
 MODEL_NAME = "tuned_cnn3v2"
 _TUNERS = {"random": kt.RandomSearch, "hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization}
+# A worker waits this long for the oracle to answer at start; then each call to it may take RPC_SECONDS
+# (Keras Tuner's own default is an hour, which would leave a worker hanging long after its chief died).
+CONNECT_SECONDS = 120
+RPC_SECONDS = 60
+POLL_SECONDS = 0.5
 
 
 def build_hypermodel(params: Params, num_classes: int) -> Any:
@@ -52,15 +69,20 @@ def build_hypermodel(params: Params, num_classes: int) -> Any:
 class MlflowTrials:
     """Mixin for a keras-tuner Tuner: one nested MLflow run per trial, with its epochs and score."""
 
-    def __init__(self, *args: Any, stage_run: StageRun, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stage_run: StageRun, trial_seed: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stage_run = stage_run
+        self.trial_seed = trial_seed
         self._trial_run: ExitStack | None = None
         self.trials_run = 0  # trials this process ran (not those reloaded from an earlier search)
         self.epochs_run = 0
+        self._epochs_before = 0
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)
+        # Every trial's weights start from the same seeds, whichever worker runs it and after what.
+        keras.utils.set_random_seed(self.trial_seed)
+        self._epochs_before = self.epochs_run
         self._trial_run = ExitStack()
         self._trial_run.enter_context(
             self.stage_run.nested(f"trial_{trial.trial_id}", trial.hyperparameters.values, kind="trial")
@@ -73,10 +95,13 @@ class MlflowTrials:
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_end(trial)  # the oracle records the score and saves its state
-        best = trial.metrics.get_best_value("val_accuracy") if trial.metrics.exists("val_accuracy") else None
+        # The oracle's copy: a worker's own trial object never receives the metrics it reported over gRPC.
+        metrics = self.oracle.get_trial(trial.trial_id).metrics
+        best = metrics.get_best_value("val_accuracy") if metrics.exists("val_accuracy") else None
         self.stage_run.set_tags({"trial.status": str(trial.status)})
         if best is not None:
             self.stage_run.log_now({"val_accuracy": float(best)})
+        self.stage_run.log_now({"epochs": float(self.epochs_run - self._epochs_before)})
         self._close_trial_run(None, None, None)
         self.trials_run += 1
 
@@ -97,7 +122,7 @@ def search_key(params: Params, data_fingerprint: str) -> str:
     """Names the tuner's project: the same search (space included) on the same data resumes; any change starts anew."""
     scope = {
         "seed": params.seed,
-        "tune": params.tune.model_dump(exclude={"final_epochs"}),
+        "tune": params.tune.model_dump(exclude={"final_epochs", "workers", "oracle"}),  # who searches: not what
         "train": params.train.model_dump(exclude={"device"}),
         "augment": params.augment.model_dump() if params.train.augment_on_the_fly else None,
         "data": data_fingerprint,
@@ -117,6 +142,8 @@ def make_tuner(params: Params, num_classes: int, project: str, run: StageRun) ->
         project_name=project,
         overwrite=False,
         stage_run=run,
+        trial_seed=params.seed,
+        max_retries_per_trial=1,  # a trial whose worker died (or that crashed) runs once more, then counts as failed
         **limits,
     )
 
@@ -140,8 +167,8 @@ def subset_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | 
 def search(tuner: Any, train: Split, val: Split, params: Params, keep: np.ndarray | None) -> None:
     on_the_fly = training.on_the_fly(params)
     tuner.search(
-        imageset.stream(train, params.train.batch_size, shuffle_seed=params.seed, keep=keep, **on_the_fly),
-        validation_data=imageset.stream(val, params.train.batch_size),
+        training.train_stream(train, params.train, params.seed, keep=keep, **on_the_fly),
+        validation_data=training.val_stream(val, params.train),
         epochs=params.tune.epochs,
         shuffle=False,  # the stream shuffles
         callbacks=training.plateau_callbacks(params.train),  # plain Keras callbacks: safe to deep-copy
@@ -149,16 +176,162 @@ def search(tuner: Any, train: Split, val: Split, params: Params, keep: np.ndarra
     )
 
 
-@cli.stage("tune")
-def main(params: Params, run: StageRun) -> None:
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def serve_oracle(oracle: Any, address: str) -> tuple[Any, str]:
+    """Keras Tuner's own gRPC OracleServicer for `oracle` on HOST:PORT (port 0: any free one); returns the
+    started server and the address workers dial. A port already taken is an error naming it."""
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute.oracle_chief import OracleServicer
+
+    host, port = split_address(address)
+    # One thread, as Keras Tuner's chief has; no SO_REUSEPORT, so a port another process holds is refused.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
+    protos.get_service_grpc().add_OracleServicer_to_server(OracleServicer(oracle), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc raises or returns 0, depending on the version
+        bound = 0
+    if not bound:
+        raise UserError(
+            f"tune.oracle: cannot serve the tuner's oracle on {host}:{port}: port {port} is in use (another "
+            "search's chief?) or the host is not this machine's; free the port or set tune.oracle to another"
+        )
+    server.start()
+    return server, f"{host}:{bound}"
+
+
+def wait_for_oracle(address: str, seconds: float) -> None:
+    """Return once the chief's oracle accepts connections; after `seconds`, one line saying what to check."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            raise UserError(
+                f"no tuner oracle answered at {address} within {seconds:g} s: start the chief first (the tune "
+                "stage with tune.workers or tune.oracle set) and check that this machine can reach that port"
+            ) from None
+
+
+def worker_command(name: str, address: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.stages.tune", "--worker", name, "--oracle", address]
+
+
+def supervise(oracle: Any, workers: dict[str, subprocess.Popen], run: StageRun) -> list[str]:
+    """Wait for the local workers to finish the search; returns what went wrong, one line each.
+
+    A worker that exits while it holds a trial gives the trial back to the oracle as INVALID: another
+    worker retries it (once; then it counts as FAILED), and its MLflow run is marked KILLED. Trials held by
+    workers on other machines are waited for: the chief cannot see those processes.
+    """
+    import mlflow
+    from keras_tuner.src.engine.trial import TrialStatus
+
+    problems: list[str] = []
+    waited_since = time.monotonic()
+    while workers or oracle.ongoing_trials:
+        for name, process in list(workers.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del workers[name]
+            trial = oracle.ongoing_trials.get(name)
+            if trial is None and code == 0:
+                continue
+            problem = f"tune worker {name} exited with code {code}"
+            if trial is not None:
+                trial.status = TrialStatus.INVALID
+                trial.message = problem
+                oracle.end_trial(trial)  # the oracle queues it for a retry, or marks it FAILED
+                retried = trial.status == TrialStatus.INVALID
+                problem += f" during trial {trial.trial_id}: " + (
+                    "another worker retries it" if retried else "it failed (no retries left)"
+                )
+                with run.timed():
+                    tracking.close_orphans(mlflow.MlflowClient(), mlflow.active_run().info.experiment_id)
+            log.warning(problem)
+            problems.append(problem)
+        if not workers and oracle.ongoing_trials and time.monotonic() - waited_since > 60:
+            held = ", ".join(f"trial {t.trial_id} on {name}" for name, t in oracle.ongoing_trials.items())
+            log.info("waiting for workers on other machines: %s (Ctrl-C stops; the search resumes later)", held)
+            waited_since = time.monotonic()
+        time.sleep(POLL_SECONDS)
+    return problems
+
+
+def search_with_workers(tuner: Any, settings: TuneParams, run: StageRun) -> list[str]:
+    """Serve the tuner's oracle and run `settings.workers` worker processes here until the search ends;
+    returns the workers' failures that the search survived."""
+    server, address = serve_oracle(tuner.oracle, settings.oracle or "127.0.0.1:0")
+    run.set_tags({"tune.oracle": address, "tune.workers": str(settings.workers)})
+    log.info("tuner oracle at %s; a worker elsewhere joins with: python %s", address,
+             " ".join(worker_command("NAME", address)[1:]))
+    host = socket.gethostname()
+    workers = {}
+    try:
+        for i in range(settings.workers):
+            name = f"{host}-w{i}"
+            workers[name] = subprocess.Popen(worker_command(name, address))
+        problems = supervise(tuner.oracle, workers, run)
+    finally:
+        for process in workers.values():  # the chief stopped early (Ctrl-C, an error): so do its workers
+            process.terminate()
+        for process in workers.values():
+            process.wait()
+        server.stop(grace=None)
+    unfinished = [t.trial_id for t in tuner.oracle.trials.values() if t.status not in ("COMPLETED", "FAILED")]
+    if problems and unfinished:
+        raise UserError(
+            f"the search stopped with trials {', '.join(unfinished)} unfinished ({'; '.join(problems)}): "
+            "run the stage again to resume it"
+        )
+    if problems:
+        run.set_tags({"tune.worker_problems": "; ".join(problems)[:5000]})
+    return problems
+
+
+def prepared(params: Params) -> tuple[list[str], Split, Split, np.ndarray | None, str]:
+    """What chief and workers search on: classes, train, val, the subset searched, and the search's key."""
     classes, train, val = training.load_train_val(params)
     keep = subset_mask(imageset.load_split(paths.PREPARED, "train").labels, params.tune.subset, params.seed)
-    searched = params.train.on_the_fly_copies * imageset.streamed(train, keep)  # images per search epoch
     fingerprint = hashlib.sha256((paths.PREPARED / "manifest.json").read_bytes()).hexdigest()
-    project = search_key(params, fingerprint)
+    return classes, train, val, keep, search_key(params, fingerprint)
+
+
+def trials_logged(run_id: str) -> list[Any]:
+    """The finished trial runs nested under the stage run `run_id`, whoever ran them."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        [mlflow.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", output_format="list"
+    )
+    return [r for r in runs if "trial" in r.data.tags and r.info.status == "FINISHED"]
+
+
+@cli.stage("tune")
+def main(params: Params, run: StageRun) -> None:
+    import mlflow
+
+    classes, train, val, keep, project = prepared(params)
+    searched = params.train.on_the_fly_copies * imageset.streamed(train, keep)  # images per search epoch
+    run.set_tags({"tune.project": project})  # before any worker starts: workers find this run by it
     tuner = make_tuner(params, len(classes), project, run)
     start = time.perf_counter()
-    search(tuner, train, val, params, keep)
+    problems: list[str] = []
+    if params.tune.workers:
+        problems = search_with_workers(tuner, params.tune, run)
+        with run.timed():
+            logged = trials_logged(mlflow.active_run().info.run_id)
+        tuner.trials_run = len(logged)
+        tuner.epochs_run = int(sum(r.data.metrics.get("epochs", 0) for r in logged))
+    else:
+        search(tuner, train, val, params, keep)
     search_seconds = time.perf_counter() - start
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best_hp = best_trial.hyperparameters
@@ -182,11 +355,12 @@ def main(params: Params, run: StageRun) -> None:
         training.write_curves(result.rows, curves / f"{MODEL_NAME}.json")
 
     run.images = result.images_seen + tuner.epochs_run * searched
-    run.set_tags({"tune.project": project})
     run.record({
         "search": {
             "trials": len(tuner.oracle.trials),
             "trials_run_now": tuner.trials_run,
+            "workers": params.tune.workers,
+            "worker_failures": len(problems),
             "searched_images": searched,
             "seconds": round(search_seconds, 3),
             "best_val_accuracy": round(float(best_trial.score), 4),
@@ -196,5 +370,73 @@ def main(params: Params, run: StageRun) -> None:
     })
 
 
+def find_stage_run(project: str, experiment: str, seconds: float) -> str:
+    """The chief's running tune stage run searching `project` (the same params and data/prepared as this
+    worker's), waited for up to `seconds`."""
+    import mlflow
+
+    deadline = time.monotonic() + seconds
+    while True:
+        found = mlflow.search_runs(
+            experiment_names=[experiment], output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"attributes.status = 'RUNNING' and tags.stage = 'tune' and tags.`tune.project` = '{project}'",
+        )
+        if found:
+            return found[0].info.run_id
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"no running tune stage searches project {project} in {mlflow.get_tracking_uri()}: this worker's "
+                "params.yaml and data/prepared must be the chief's, and MLFLOW_TRACKING_URI its tracking server"
+            )
+        time.sleep(1)
+
+
+def work(name: str, address: str, connect_seconds: float) -> None:
+    """One worker: run the trials the chief's oracle hands out, each a nested run under the chief's stage run."""
+    import grpc
+    import mlflow
+    from keras_tuner.src.distribute import oracle_client
+
+    from pipeline import device
+
+    if "chief" in name:
+        raise UserError(f"--worker {name!r}: Keras Tuner takes a name with 'chief' in it for the chief; choose another")
+    params = load_params()
+    info = device.configure_training(params.train)
+    wait_for_oracle(address, connect_seconds)
+    host, port = split_address(address)
+    os.environ.update(KERASTUNER_TUNER_ID=name, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=str(port))
+    oracle_client.TIMEOUT = RPC_SECONDS  # read at each call: Keras Tuner's own knob, an hour by default
+    classes, train, val, keep, project = prepared(params)
+    uri = tracking.tracking_uri(params)
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    run = StageRun("tune", parent_run_id=find_stage_run(project, params.mlflow.experiment, connect_seconds))
+    run.tags = {**tracking.run_tags("tune", tracking.stage_params("tune", params), info), "tune.worker": name}
+    tuner = make_tuner(params, len(classes), project, run)
+    try:
+        search(tuner, train, val, params, keep)
+    except grpc.RpcError as exc:
+        raise UserError(
+            f"tune worker {name} lost the oracle at {address} ({exc.code().name}): the chief stopped or the "
+            "network failed; the search resumes when the tune stage runs again"
+        ) from None
+    log.info("tune worker %s ran %d trials", name, tuner.trials_run)
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", metavar="NAME", help="run as a search worker with this name (unique per worker)")
+    parser.add_argument("--oracle", metavar="HOST:PORT", help="the chief's oracle (default: tune.oracle)")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_SECONDS, metavar="SECONDS")
+    args = parser.parse_args()
+    if args.worker is None:
+        main()
+    else:
+        def worker() -> None:
+            address = args.oracle or load_params().tune.oracle
+            if address is None:
+                raise UserError("a tune worker needs the chief's oracle: --oracle HOST:PORT, or tune.oracle in params.yaml")
+            work(args.worker, address, args.connect_timeout)
+
+        cli.run(worker)
