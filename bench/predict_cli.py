@@ -4,7 +4,7 @@ for 1 and 100 photos with a scikit-learn (.skops) and a Keras (.keras) model.
 Each case runs `--repeats` times in a fresh process; the fastest and the median are kept (other jobs on the
 machine only add time), with the process's CPU seconds (user + system), which other jobs inflate far less: on
 an idle machine a mostly single-threaded run's wall time is close to them. Also records whether the process
-imported TensorFlow (`-X importtime`).
+imported TensorFlow or scikit-learn (`-X importtime`).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def run(model: Path, files: list[str], repeats: int) -> dict:
             raise SystemExit(f"{' '.join(command[:5])} ... failed ({done.returncode}): {done.stderr[-500:]}")
     traced = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], cwd=common.ROOT,
                             capture_output=True, text=True, check=False)
-    imported_tf = any(line.rsplit("|", 1)[-1].strip() == "tensorflow" for line in traced.stderr.splitlines())
-    return {"images": len(files), "imports_tensorflow": imported_tf, **common.spread(seconds), "cpu_seconds": cpu}
+    imported = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")}
+    return {"images": len(files), "imports_tensorflow": "tensorflow" in imported, "imports_sklearn": "sklearn" in imported,
+            **common.spread(seconds), "cpu_seconds": cpu}
 
 
 def main() -> None:

@@ -85,7 +85,15 @@ def requirements(model: saved.SavedModel) -> list[str]:
     if model.is_keras:
         return [*pins, f"keras=={device.package_version('keras')}",
                 f"tensorflow=={device.package_version('tensorflow', 'tensorflow-cpu')}"]
-    return [*pins, f"scikit-learn=={device.package_version('scikit-learn')}", f"skops=={device.package_version('skops')}"]
+    return [*pins, f"scikit-learn=={device.package_version('scikit-learn')}", f"skops=={device.package_version('skops')}",
+            f"onnxruntime=={device.package_version('onnxruntime')}"]
+
+
+def artifacts(model: saved.SavedModel) -> dict[str, str]:
+    """The files saved.load reads: the model, its .json, and a scikit-learn model's ONNX export."""
+    files = {"model": str(model.path), "meta": str(saved.meta_path(model.path))}
+    exported = model.path.with_suffix(".onnx")
+    return files | ({"onnx": str(exported)} if exported.is_file() else {})
 
 
 def log_model(model: saved.SavedModel, example: bytes, name: str = "model", **kwargs: Any) -> Any:
@@ -94,7 +102,7 @@ def log_model(model: saved.SavedModel, example: bytes, name: str = "model", **kw
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=__file__,
-        artifacts={"model": str(model.path), "meta": str(saved.meta_path(model.path))},
+        artifacts=artifacts(model),
         signature=SIGNATURE,
         input_example=pd.DataFrame({COLUMN: [base64.b64encode(example).decode("ascii")]}),
         pip_requirements=requirements(model),

@@ -84,7 +84,19 @@ def test_classic_round_trip(tmp_path, name):
     loaded = saved.load(path)
     assert path.suffix == ".skops" and not loaded.is_keras
     assert loaded.classes == CLASSES
-    np.testing.assert_array_equal(loaded.predict_proba(images), estimator.predict_proba(features))
+    # Loaded for prediction from its ONNX export (no scikit-learn), the estimator's own probabilities.
+    assert isinstance(loaded.model, classic.OnnxEstimator)
+    np.testing.assert_allclose(loaded.predict_proba(images), estimator.predict_proba(features), rtol=0, atol=1e-6)
+    path.with_suffix(".onnx").unlink()  # a model saved before the export: the estimator itself
+    np.testing.assert_array_equal(saved.load(path).predict_proba(images), estimator.predict_proba(features))
+
+
+def test_a_damaged_onnx_export_is_one_clear_error(tmp_path):
+    estimator = classic.estimator("logistic", seed=0, trees=1).fit(classic.pixels(uint8_images(6, 16, 16), 8), np.arange(6) % 3)
+    path = saved.save_classic(estimator, tmp_path, {**keras_meta("logistic"), "pixels_size": 8})
+    path.with_suffix(".onnx").write_bytes(b"not a graph")
+    with pytest.raises(UserError, match=r"logistic\.onnx: cannot load the ONNX model"):
+        saved.load(path)
 
 
 @pytest.mark.parametrize("height, width, size", [(128, 128, 32), (299, 299, 32), (40, 50, 48), (20, 20, 32)])

@@ -63,6 +63,41 @@ def save(model: Any, path: Path) -> None:
     sio.dump(model, path)
 
 
+def export_onnx(model: Any, path: Path) -> None:
+    """The fitted estimator as an ONNX graph (skl2onnx), probabilities as a plain tensor: what predict runs."""
+    from skl2onnx import to_onnx
+
+    graph = to_onnx(model, np.zeros((1, model.n_features_in_), np.float32), options={id(model): {"zipmap": False}})
+    path.write_bytes(graph.SerializeToString())
+
+
+class OnnxEstimator:
+    """An estimator's ONNX export run by onnxruntime: scikit-learn's probabilities (to ~1e-6) after a 0.2 s
+    import, where importing scikit-learn (and skops) takes 1.5-2.5 s of a one-photo predict here. A graph of
+    standard operators, so loading it runs no code of the file's."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            features, probabilities = self.session.get_inputs()[0], self.session.get_outputs()[1]
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: say which one
+            raise UserError(f"{path}: cannot load the ONNX model ({type(exc).__name__}: {exc})") from None
+        self._input = features.name
+        self.n_features_in_ = features.shape[1]
+        self.output_shape = (None, probabilities.shape[1])
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["probabilities"], {self._input: np.asarray(x, np.float32)})[0].astype(np.float64)
+
+
+def load_for_inference(path: Path) -> Any:
+    """The ONNX export saved beside a .skops model when there is one (fast, no scikit-learn), else the estimator."""
+    exported = path.with_suffix(".onnx")
+    return OnnxEstimator(exported) if exported.is_file() else load(path)
+
+
 def load(path: Path) -> Any:
     import skops.io as sio
 

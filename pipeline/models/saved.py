@@ -168,6 +168,8 @@ def save_classic(estimator: Any, directory: Path, meta: Mapping[str, Any]) -> Pa
     path = directory / f"{meta['name']}.skops"
     with fsio.atomic_file(path) as tmp:
         classic.save(estimator, tmp)
+    with fsio.atomic_file(path.with_suffix(".onnx")) as tmp:
+        classic.export_onnx(estimator, tmp)
     fsio.write_json(meta_path(path), {**meta, "file": path.name})
     return path
 
@@ -179,7 +181,7 @@ def load(path: Path) -> SavedModel:
     if not meta_path(path).is_file():
         raise UserError(f"{meta_path(path)} is missing: it holds the class names the model predicts")
     meta = read_meta(path)
-    model = classic.load(path) if path.suffix == ".skops" else _load_keras(path)
+    model = classic.load_for_inference(path) if path.suffix == ".skops" else _load_keras(path)
     mismatch = _mismatch(meta, model)
     if mismatch:
         raise UserError(f"{meta_path(path)} does not fit {path.name}: {mismatch}")
