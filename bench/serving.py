@@ -29,6 +29,17 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ms), 2)}
 
 
+def concurrently(work: Any, count: int, seconds: float) -> float:
+    """`count` threads run work(index, deadline) until `seconds` from now; returns the wall seconds taken."""
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i, start + seconds)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def in_process(model: Any, images: list[bytes], seconds: float, threads: int) -> dict[str, Any]:
     """`threads` callers of the loaded pyfunc, one image per predict call, for `seconds`."""
     import pandas as pd
@@ -46,13 +57,7 @@ def in_process(model: Any, images: list[bytes], seconds: float, threads: int) ->
                 latencies.append(time.perf_counter() - begin)
             n += threads
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=caller, args=(i, start + seconds)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
+    wall = concurrently(caller, threads, seconds)
     return {"threads": threads, "requests": len(latencies), "wall_seconds": round(wall, 2),
             "images_per_second": round(len(latencies) / wall, 2), **percentiles(latencies)}
 
@@ -84,23 +89,9 @@ def served(port: int, images: list[bytes], seconds: float, clients: int) -> dict
     warm.start()
     warm.join()
     latencies.clear()
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i, start + seconds)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = concurrently(client, clients, seconds)
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "wall_seconds": round(wall, 2),
             "requests_per_second": round(len(latencies) / wall, 2), **percentiles(latencies)}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_up(port: int, server: subprocess.Popen, seconds: float = 300) -> None:
@@ -132,7 +123,7 @@ def main() -> None:
     store = tracking.tracking_uri(common.params())
     uri = f"models:/{args.registered}@champion"
     images = [p.read_bytes() for p in common.spread_photos(args.photos, args.images)]
-    port = free_port()
+    port = common.free_port()
     env = {**common.venv_env(), "MLFLOW_TRACKING_URI": store}
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
                                "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
