@@ -5,8 +5,8 @@
 The frozen Xception's features of every photo (and of its mirror image) are computed once, at the size the
 pipeline stores (preprocess.image_size) resized inside the model to each transfer.image_size tried, exactly
 as the features stage does; every recipe is then a head trained on them, on the split preprocess makes for
-each seed (same groups, same assignment). Recipes are ranked by mean validation accuracy over the seeds;
-test accuracy is computed for the winner only, after the choice, so the ranking never sees it.
+each seed (same groups, fractions and assignment; files with identical bytes are not merged here). Recipes are
+ranked by mean validation accuracy over the seeds; test accuracy is computed for the winner only, after the choice, so the ranking never sees it.
 """
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ from bench.common import (
 )
 from pipeline.images import load_array
 from pipeline.splitting import assign_splits, group_of
-
-FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
 def photos(dataset: str, stored_size: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -68,10 +66,12 @@ def features(images: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def split_of(files: list[str], labels: np.ndarray, classes: list[str], pattern: str | None, seed: int) -> np.ndarray:
+def split_of(
+    files: list[str], labels: np.ndarray, classes: list[str], pattern: str | None, fractions: dict[str, float], seed: int
+) -> np.ndarray:
     compiled = re.compile(pattern) if pattern else None
     groups = [group_of(path, compiled) for path in files]
-    return assign_splits(labels, groups, FRACTIONS, seed, classes)
+    return assign_splits(labels, groups, fractions, seed, classes)
 
 
 def head_probabilities(train_x: np.ndarray, train_y: np.ndarray, tests: list[np.ndarray], head: dict[str, Any], seed: int) -> list[np.ndarray]:
@@ -133,7 +133,8 @@ def main() -> None:
     stored = settings.preprocess.image_size
     pattern = settings.data.datasets[args.dataset].group_pattern if args.dataset in settings.data.datasets else None
     images, labels, classes, files = photos(args.dataset, stored)
-    splits = {seed: split_of(files, labels, classes, pattern, seed) for seed in args.seeds}
+    fractions = settings.preprocess.splits.as_dict()
+    splits = {seed: split_of(files, labels, classes, pattern, fractions, seed) for seed in args.seeds}
     rows: list[dict[str, Any]] = []
     extraction: dict[int, float] = {}
     for size in args.image_sizes:
