@@ -156,7 +156,8 @@ def build(champion: Champion, examples: Sequence[Path]) -> Any:
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image (upload or paste)")
+                    # image_mode=None: Gradio hands over the file as uploaded, undecoded; images.py decodes it within max_pixels.
+                    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image (upload or paste)")
                     if examples:
                         gr.Examples([[str(p)] for p in examples], inputs=image, label="Photos from the test split")
                 with gr.Column():

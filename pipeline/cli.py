@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -49,23 +50,32 @@ def check_inputs(stage: str, dvc_yaml: Path) -> None:
             raise UserError(f"{dep} is missing: run `dvc repro {writer[dep]}` first (it writes {dep})")
 
 
-def stage(name: str, *, trains: bool = True) -> Callable[[Callable[..., None]], Callable[[], None]]:
+def stage(name: str, *, trains: bool = True, tracked: bool = True) -> Callable[[Callable[..., None]], Callable[[], None]]:
     """Make `body(params, run)` a stage's entry point.
 
     Params are validated before anything else; then the device is set up (train.device for stages
     that train or infer, the CPU alone for the others, whose bytes must not depend on hardware) and
-    the body runs inside the stage's MLflow run.
+    the body runs inside the stage's MLflow run. An untracked stage (a check run on every repro) gets
+    `body(params)`: no device, no MLflow run.
     """
     def wrap(body: Callable[..., None]) -> Callable[[], None]:
         def main() -> None:
-            from pipeline import device, paths, tracking
+            from pipeline import device, paths, trace, tracking
             from pipeline.params import load_params
 
-            params = load_params()
-            check_inputs(name, paths.DVC_YAML)
-            info = device.configure_training(params.train) if trains else device.cpu_only()
-            with tracking.stage_run(name, params, info) as stage_run:
-                body(params, stage_run)
+            traced = os.environ.get(trace.ENV)  # on since pipeline/__init__.py
+            try:
+                params = load_params()
+                check_inputs(name, paths.DVC_YAML)
+                if not tracked:
+                    body(params)
+                    return
+                info = device.configure_training(params.train) if trains else device.cpu_only()
+                with tracking.stage_run(name, params, info) as stage_run:
+                    body(params, stage_run)
+            finally:
+                if traced:
+                    trace.write(name, Path(traced))
 
         main.__doc__ = body.__doc__
         return lambda: run(main)

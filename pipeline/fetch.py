@@ -130,12 +130,60 @@ def _check_deadline(url: str, deadline: float, limits: DownloadParams, wait: flo
         )
 
 
-def _transfer(url: str, part: Path, limits: DownloadParams, deadline: float) -> None:
-    """Append the rest of `url` to `part`; raise on any short, failed, stalled or oversized transfer."""
+def _validator_file(part: Path) -> Path:
+    """Where the validator of the body in `part` is kept, for If-Range on a resume (a later run's included)."""
+    return part.with_name(part.name + ".validator")
+
+
+def _validator(response: http.client.HTTPResponse) -> str | None:
+    """What If-Range can send back for this body: a strong ETag, else Last-Modified, else None.
+
+    A weak ETag (W/"...") never matches in If-Range (RFC 9110 13.1.5), so it is no validator here.
+    """
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _remember(part: Path, validator: str | None) -> None:
+    if validator is None:
+        _validator_file(part).unlink(missing_ok=True)
+    else:
+        _validator_file(part).write_text(validator)
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
+
+
+def _resume_point(url: str, part: Path, pinned: bool) -> tuple[int, str | None]:
+    """(byte to continue `part` from, validator to send in If-Range); (0, None) starts it over.
+
+    If-Range makes the server send the rest only while the file is still the one `part` holds, and the
+    whole new file otherwise (200): two versions are never spliced. A part without a validator is
+    continued only where a pinned checksum would catch a splice.
+    """
     offset = part.stat().st_size if part.exists() else 0
+    stored = _validator_file(part)
+    if offset and stored.exists():
+        return offset, stored.read_text()
+    if offset and not pinned:
+        log.warning("%s: no ETag or Last-Modified was given for %s and no checksum is pinned: starting over "
+                    "(resuming could splice two versions of the file)", url, part.name)
+        return 0, None
+    return offset, None
+
+
+def _transfer(url: str, part: Path, limits: DownloadParams, deadline: float, pinned: bool) -> None:
+    """Append the rest of `url` to `part`; raise on any short, failed, stalled or oversized transfer."""
+    offset, validator = _resume_point(url, part, pinned)
     headers = {"User-Agent": "image-pipeline/0.1"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    if validator:
+        headers["If-Range"] = validator
     try:
         response = urllib.request.urlopen(
             urllib.request.Request(url, headers=headers), timeout=limits.stall_seconds
@@ -147,19 +195,21 @@ def _transfer(url: str, part: Path, limits: DownloadParams, deadline: float) -> 
     with response:
         start, total = _body_range(response)
         if start not in (0, offset):  # a body from elsewhere in the file (or who knows where): never splice it
-            part.unlink(missing_ok=True)
+            _discard(part)
             content_range = response.headers.get("Content-Range")
             raise ConnectionError(
                 f"asked for bytes from {offset}, got a 206 with Content-Range {content_range!r}: "
                 "partial file discarded, starting over"
             )
-        if start != offset:
+        if start != offset:  # If-Range saw another file upstream, or the server ignores ranges
             log.warning("%s: asked for bytes from %d, got the whole file: starting over", url, offset)
         if total is not None and total > limits.max_download_bytes:
             raise _TooLarge(f"{url}: announces {total:,} bytes, over {_max_download(limits)}")
         with open(part, "ab" if start else "wb") as out, tqdm(
             total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5], leave=False
         ) as bar:
+            if not start:  # after the truncation: a crash in between leaves an empty part, not old bytes
+                _remember(part, _validator(response))
             for block in _blocks(response, limits):
                 if out.tell() + len(block) > limits.max_download_bytes:
                     raise _TooLarge(f"{url}: sends more than {_max_download(limits)}")
@@ -174,6 +224,8 @@ def _transfer(url: str, part: Path, limits: DownloadParams, deadline: float) -> 
 def download(url: str, dest: Path, checksum: str | None, limits: DownloadParams) -> str:
     """Download `url` to `dest`, resuming `<dest>.part` across retries and runs; return its sha256.
 
+    A resume asks for the rest only if the file is unchanged upstream (If-Range, with the ETag or
+    Last-Modified kept in `<dest>.part.validator`); a changed file comes again from its first byte.
     `dest` appears only complete and verified. Drops, stalls and server errors are retried with
     back-off, within `limits`; a body too large or a checksum mismatch deletes the partial file.
     """
@@ -182,10 +234,10 @@ def download(url: str, dest: Path, checksum: str | None, limits: DownloadParams)
     deadline = time.monotonic() + limits.deadline_seconds
     for attempt in range(limits.retries + 1):
         try:
-            _transfer(url, part, limits, deadline)
+            _transfer(url, part, limits, deadline, pinned=bool(checksum))
             break
         except _TooLarge:
-            part.unlink(missing_ok=True)
+            _discard(part)
             raise
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):  # timeouts and rate limits pass
@@ -202,9 +254,10 @@ def download(url: str, dest: Path, checksum: str | None, limits: DownloadParams)
     try:
         sha256 = verify(part, checksum, url)
     except DownloadError:
-        part.unlink()
+        _discard(part)
         raise
     os.replace(part, dest)
+    _validator_file(part).unlink(missing_ok=True)
     return sha256
 
 

@@ -5,11 +5,10 @@ images the same way.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,20 +71,16 @@ def _opened(source: ImageSource) -> tuple[Path | BinaryIO, int]:
     return source, size
 
 
-@contextmanager
-def _without_pillow_limit() -> Iterator[None]:
-    """Turn off Pillow's own decompression-bomb check for one block, then put it back.
+@functools.cache
+def _lift_pillow_limit() -> None:
+    """Turn off Pillow's own decompression-bomb check, once per process, at the first decode.
 
     It is a module global (MAX_IMAGE_PIXELS, ~89 MP) that fires inside Image.open, before the caller's
-    max_pixels is checked: a higher max_pixels could never take effect. Not thread-safe: decoding is one
-    image at a time per process (predict's loop, preprocess's worker pool).
+    max_pixels is checked: a higher max_pixels could never take effect. max_pixels, checked on the header
+    before anything is decoded, is the limit. Never put back: a decode in one thread (the scoring server's,
+    the serving bench's) cannot see another thread put it back in the middle.
     """
-    saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _refused_format(opened: Path | BinaryIO) -> str | None:
@@ -117,10 +112,11 @@ def load_rgb(source: ImageSource, *, max_pixels: int, min_size: int = 1, draft: 
     opened, size = _opened(source)
     if size == 0:
         raise BadImage("empty file (0 bytes)")
+    _lift_pillow_limit()
     try:
         # max_pixels is the only limit, checked on the header's size, which bounds what decoding the first
         # (only) frame allocates.
-        with _without_pillow_limit(), _open_allowed(opened) as image:
+        with _open_allowed(opened) as image:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > max_pixels:
                 raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > max_pixels {max_pixels}")

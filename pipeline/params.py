@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
@@ -21,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import trace
 from pipeline.errors import UserError
 from pipeline.models.catalog import BACKBONES
 
@@ -34,7 +36,44 @@ class ParamsError(UserError):
 
 
 class Section(BaseModel):
+    """A mapping of params.yaml. Reading a key is reported to pipeline/trace.py, which holds each stage's
+    reads against its `params:` in dvc.yaml (tests/test_dvc_deps.py)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _key: str | None = PrivateAttr(None)  # where it sits in params.yaml ("train", "" the root); None: untraced
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if trace.recording() and name in type(self).model_fields and not _holds_sections(value):
+            key = self._key
+            if key is not None:
+                trace.param_read(f"{key}.{name}" if key else name)
+        return value
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        dumped = super().model_dump(**kwargs)
+        if trace.recording() and self._key is not None:
+            trace.params_read(self._key, dumped)
+        return dumped
+
+    def place(self, key: str) -> None:
+        """Name this section and those below it by their params.yaml keys, for the read trace."""
+        self._key = key
+        for name in type(self).model_fields:
+            value = super().__getattribute__(name)
+            inner = f"{key}.{name}" if key else name
+            if isinstance(value, Section):
+                value.place(inner)
+            elif isinstance(value, dict) and _holds_sections(value):  # data.datasets: one section per name
+                for item, section in value.items():
+                    section.place(f"{inner}.{item}")
+
+
+def _holds_sections(value: Any) -> bool:
+    """A section, or a mapping of them: its reads are recorded key by key below it, not as a whole."""
+    return isinstance(value, Section) or (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, Section) for v in value.values())
+    )
 
 
 def _relative_subdir(value: str | None) -> str | None:
@@ -296,8 +335,10 @@ class TuneParams(Section):
 class TransferParams(Section):
     backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
     weights: str = Field(min_length=1, description="imagenet, none, or a path to a weights file")
-    weights_mirrors: dict[str, list[str]] = Field(
-        default_factory=dict, description="backbone -> local copies of its ImageNet weights, tried first"
+    weights_mirrors: dict[str, list[MirrorSpec]] = Field(
+        default_factory=dict,
+        description="backbone -> local copies of its ImageNet weights, tried first: a path (a copy of Keras' own "
+        "file, checked against the backbone table's checksum) or {path, checksum} (another file, its own checksum)",
     )
     image_size: int = Field(ge=71, le=1024)
     features_block: str | None = Field(description="the backbone block whose output is pooled; null = its last")
@@ -307,6 +348,13 @@ class TransferParams(Section):
     fine_tune_epochs: int = Field(ge=0)
     fine_tune_layers: int = Field(ge=0)
     fine_tune_learning_rate: float = Field(gt=0)
+
+    @field_validator("weights_mirrors")
+    @classmethod
+    def _files_have_no_subdir(cls, value: dict[str, list[MirrorSpec]]) -> dict[str, list[MirrorSpec]]:
+        if any(mirror.own("subdir") for mirrors in value.values() for mirror in mirrors):
+            raise ValueError("a weights mirror is one file: it has a path and a checksum, no subdir")
+        return value
 
     @model_validator(mode="after")
     def _known_block(self) -> TransferParams:
@@ -397,10 +445,12 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors(include_url=False)]
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    params.place("")
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

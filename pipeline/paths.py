@@ -8,6 +8,7 @@ DVC_YAML = Path("dvc.yaml")
 DVC_LOCK = Path("dvc.lock")
 
 DATA = Path("data")
+SOURCE = DATA / "source.json"           # source: a fingerprint of the dataset's local files (download's dependency)
 RAW = DATA / "raw.tar"                  # download: one uncompressed tar, members <class>/<file>
 RAW_MANIFEST = DATA / "raw.json"        # download: members (bytes, sha256, offset), class counts, who served them
 WEIGHTS = DATA / "weights"              # download: backbone weights + weights.json

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline import cli
 from pipeline.images import BadImage, ImageSource, load_array
 
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, preprocess's default too
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (lifted by images.py), preprocess's default too
 
 
 def walk(directory: Path) -> Iterator[Path]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import serving
 from pipeline.models import saved
 from pipeline.tracking import StageRun
 
@@ -65,6 +64,9 @@ def register(
 
     name = registered_name(registered_model, best.meta["dataset"])
     with run.timed():
+        # Imported in the tracking work: the served model lives in MLflow's store, not in a DVC output.
+        from pipeline import serving
+
         client = mlflow.MlflowClient()
         decision = decide(_champion_tags(client, name), fingerprint, row[SELECTION_SCORE])
         info = serving.log_model(

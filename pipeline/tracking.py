@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import fsio, paths
+from pipeline import fsio, paths, trace
 from pipeline.device import DeviceInfo, host_tags
 from pipeline.errors import UserError
 from pipeline.params import Params
@@ -64,17 +65,21 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def declared_params(spec: Mapping[str, Any], tree: Mapping[str, Any]) -> list[str]:
+    """The params.yaml keys a dvc.yaml stage lists, its `${key}` interpolations resolved as DVC does."""
+    keys: list[str] = []
+    for entry in spec.get("params", []):  # a key of params.yaml, or {other_file: [keys]}
+        keys.extend([entry] if isinstance(entry, str) else entry.get(str(paths.PARAMS), []))
+    return [re.sub(r"\$\{([^}]+)\}", lambda ref: str(_lookup(tree, ref[1].strip())), key) for key in keys]
+
+
 def stage_params(stage: str, params: Params, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
     """The params `stage` depends on, as dvc.yaml lists them; all params where dvc.yaml has no such stage."""
     tree = params.model_dump(mode="json")
     stages = dvc_stages(dvc_yaml)
     if stage not in stages:
         return tree
-    declared = stages[stage].get("params", [])
-    keys: list[str] = []
-    for entry in declared:  # a key of params.yaml, or {other_file: [keys]}
-        keys.extend([entry] if isinstance(entry, str) else entry.get(str(paths.PARAMS), []))
-    return {key: _lookup(tree, key) for key in keys}
+    return {key: _lookup(tree, key) for key in declared_params(stages[stage], tree)}
 
 
 def dvc_stages(dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any]:
@@ -187,9 +192,11 @@ class StageRun:
 
     @contextmanager
     def timed(self) -> Iterator[None]:
+        """Tracking work: timed apart from the stage's own, and outside the read trace (it feeds MLflow only)."""
         start = time.perf_counter()
         try:
-            yield
+            with trace.paused():
+                yield
         finally:
             self.tracking_seconds += time.perf_counter() - start
 
@@ -222,16 +229,13 @@ class StageRun:
         the evaluate runs alone are the table of experiments."""
         import mlflow
 
-        values = _loggable(flatten(params.model_dump(mode="json")))
-        keys = sorted(values)
         with self.timed():
-            for start in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
-                mlflow.log_params({key: values[key] for key in keys[start : start + 100]})
-        seconds = {}
-        for stage in dvc_stages():
-            written = paths.metrics_file(stage)
-            if stage != self.stage and written.is_file():
-                seconds[stage] = fsio.read_json(written).get("stage_seconds")
+            mlflow.log_params(_loggable(flatten(params.model_dump(mode="json"))))
+            seconds = {}
+            for stage in dvc_stages():
+                written = paths.metrics_file(stage)
+                if stage != self.stage and written.is_file():
+                    seconds[stage] = fsio.read_json(written).get("stage_seconds")
         self.record({"seconds_by_stage": {k: v for k, v in seconds.items() if v is not None}})
 
     @contextmanager

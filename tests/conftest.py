@@ -104,6 +104,12 @@ def output(done: subprocess.CompletedProcess) -> str:
     return done.stdout + done.stderr
 
 
+def nothing_but_the_source_check_ran(printed: str) -> bool:
+    """What a no-op `dvc repro` prints: the source stage runs every time (always_changed) and finds the
+    dataset's files as they were, so no other stage runs."""
+    return printed.count("Running stage") == 1 and "Running stage 'source'" in printed
+
+
 def tiny_project(tmp_path: Path, **sections: dict) -> tuple[Path, dict]:
     """A git+DVC project in tmp_path/project holding this repo's pipeline on a tiny generated dataset (not yet
     reproduced), and the environment to run dvc in. `sections` update params.yaml's sections past the tiny
@@ -137,3 +143,16 @@ def tiny_project(tmp_path: Path, **sections: dict) -> tuple[Path, dict]:
     sh(root, "dvc", "init", "-q", env=env)
     sh(root, "dvc", "config", "core.analytics", "false", env=env)
     return root, env
+
+
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    """A git+DVC project holding this repo's pipeline on a tiny generated dataset, reproduced once with every
+    stage's reads traced into <root>/trace (pipeline/trace.py): (root, env, what `dvc repro` printed).
+
+    Shared by the end-to-end tests and the dvc.yaml tracing tests: one repro serves both.
+    """
+    root, env = tiny_project(tmp_path_factory.mktemp("e2e"))
+    first = output(sh(root, "dvc", "repro", env={**env, "PIPELINE_TRACE_DIR": str(root / "trace")}))
+    return root, env, first
+

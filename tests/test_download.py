@@ -1,6 +1,7 @@
 """The download stage's pure parts: materialise() (the dataset tar) for every source kind, resolve_weights()."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -851,7 +852,8 @@ def test_archive_with_a_link_is_refused(photos, tmp_path, dest, scratch, root):
 
 
 def transfer(**update) -> TransferParams:
-    return load_params(REPO / "params.yaml").transfer.model_copy(update=update)
+    """params.yaml's transfer section with `update`, validated as params.yaml's would be."""
+    return TransferParams.model_validate({**load_params(REPO / "params.yaml").transfer.model_dump(), **update})
 
 
 @pytest.fixture
@@ -912,8 +914,22 @@ def test_weights_relative_path_resolves_against_root(weights_dir, scratch, root)
     assert (weights_dir / "backbone.h5").read_bytes() == b"abc"
 
 
+def pinned(path: Path, checksum: str | None = None) -> dict[str, str]:
+    """A weights mirror with its own checksum (as params.yaml writes one: {path, checksum})."""
+    return {"path": str(path), "checksum": checksum or sha256_of(path)}
+
+
+@pytest.fixture
+def keras_file(fake_weights, monkeypatch) -> Path:
+    """`fake_weights` made the catalog's own xception file: its md5 is the one the catalog pins."""
+    url, _ = BACKBONES["xception"].notop_weights
+    md5 = hashlib.md5(fake_weights.read_bytes()).hexdigest()
+    monkeypatch.setitem(BACKBONES, "xception", dataclasses.replace(BACKBONES["xception"], notop_weights=(url, f"md5:{md5}")))
+    return fake_weights
+
+
 def test_imagenet_weights_from_mirror(fake_weights, tmp_path, weights_dir, scratch, root, no_sleep):
-    params = transfer(weights="imagenet", weights_mirrors={"xception": [str(tmp_path / "absent.h5"), str(fake_weights)]})
+    params = transfer(weights="imagenet", weights_mirrors={"xception": [str(tmp_path / "absent.h5"), pinned(fake_weights)]})
 
     record = resolve_weights(params, weights_dir, scratch, root, LIMITS)
 
@@ -932,24 +948,62 @@ def test_imagenet_weights_from_mirror(fake_weights, tmp_path, weights_dir, scrat
     assert no_sleep == []
 
 
-def test_imagenet_weights_relative_mirror(fake_weights, weights_dir, scratch, root):
-    fake_weights.rename(root / fake_weights.name)
-    params = transfer(weights="imagenet", weights_mirrors={"xception": [fake_weights.name]})
+def test_imagenet_weights_relative_mirror(keras_file, weights_dir, scratch, root):
+    keras_file.rename(root / keras_file.name)
+    params = transfer(weights="imagenet", weights_mirrors={"xception": [keras_file.name]})
     record = resolve_weights(params, weights_dir, scratch, root, LIMITS)
     assert record["served_by"] == "mirror"
-    assert record["location"] == str(root / fake_weights.name)
+    assert record["location"] == str(root / keras_file.name)
 
 
-def test_imagenet_weights_mirror_that_is_a_directory_is_skipped(tmp_path, fake_weights, weights_dir, scratch, root):
+def test_imagenet_weights_mirror_that_is_a_directory_is_skipped(tmp_path, keras_file, weights_dir, scratch, root):
     folder = tmp_path / "a-folder.h5"
     folder.mkdir()
-    params = transfer(weights="imagenet", weights_mirrors={"xception": [str(folder), str(fake_weights)]})
-    assert resolve_weights(params, weights_dir, scratch, root, LIMITS)["location"] == str(fake_weights)
+    params = transfer(weights="imagenet", weights_mirrors={"xception": [str(folder), str(keras_file)]})
+    assert resolve_weights(params, weights_dir, scratch, root, LIMITS)["location"] == str(keras_file)
+
+
+def test_a_plain_weights_mirror_must_be_the_file_keras_downloads(tmp_path, fake_weights, weights_dir, scratch, root, no_sleep):
+    """A plain path is a byte-identical copy of the origin: checked against the catalog's checksum, as a
+    dataset mirror is against the dataset's. Wrong bytes are an error, never a fall-back to the next source."""
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"another file")
+    params = transfer(weights="imagenet", weights_mirrors={"xception": [str(fake_weights), pinned(other)]})
+    with pytest.raises(UserError) as caught:
+        resolve_weights(params, weights_dir, scratch, root, LIMITS)
+    md5 = hashlib.md5(fake_weights.read_bytes()).hexdigest()
+    expected = BACKBONES["xception"].notop_weights[1].removeprefix("md5:")
+    assert str(caught.value) == (
+        f"weights mirror {fake_weights}: md5 is {md5}, expected {expected} (corrupt or changed upstream); a file "
+        "that is not Keras' own (re-saved, converted) pins its own: {path, checksum} under transfer.weights_mirrors.xception"
+    )
+    assert list(weights_dir.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_a_weights_mirror_is_checked_against_its_own_checksum(fake_weights, weights_dir, scratch, root, no_sleep):
+    params = transfer(weights="imagenet", weights_mirrors={"xception": [pinned(fake_weights, "0" * 64)]})
+    with pytest.raises(UserError, match=f"weights mirror {fake_weights}: sha256 is {sha256_of(fake_weights)}, expected 0{{64}}"):
+        resolve_weights(params, weights_dir, scratch, root, LIMITS)
+    assert list(weights_dir.iterdir()) == []
+
+
+def test_the_default_weights_mirror_passes_its_check(weights_dir, scratch, no_sleep):
+    """params.yaml's own mirror (../shared/weights, a Keras 3 re-save, not Keras' file) with the checksum it pins."""
+    params = load_params(REPO / "params.yaml").transfer
+    if not (REPO.parent / "shared" / "weights").is_dir():
+        pytest.skip("../shared/weights is not present")
+    assert resolve_weights(params, weights_dir, scratch, REPO, LIMITS)["served_by"] == "mirror"
+
+
+def test_a_weights_mirror_with_no_checksum_anywhere_is_used_saying_what_to_pin(fake_weights, weights_dir, scratch, root, caplog):
+    params = transfer(backbone="mobilenetv2", features_block=None, weights="imagenet", weights_mirrors={"mobilenetv2": [str(fake_weights)]})
+    assert resolve_weights(params, weights_dir, scratch, root, LIMITS)["served_by"] == "mirror"
+    assert f"pin the one seen now: checksum: {sha256_of(fake_weights)}" in caplog.text
 
 
 def test_imagenet_weights_unknown_backbone(fake_weights, weights_dir, scratch, root):
     # a mirror for another backbone does not count, and Keras pins no single file for mobilenetv2
-    params = transfer(backbone="mobilenetv2", weights="imagenet", weights_mirrors={"xception": [str(fake_weights)]})
+    params = transfer(backbone="mobilenetv2", features_block=None, weights="imagenet", weights_mirrors={"xception": [str(fake_weights)]})
     with pytest.raises(UserError) as caught:
         resolve_weights(params, weights_dir, scratch, root, LIMITS)
     message = str(caught.value)

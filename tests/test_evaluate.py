@@ -1,9 +1,13 @@
-"""evaluate's pure parts: confused pairs, scores with top-k, ranking, the leaderboard table, the pairs sheet."""
+"""evaluate's parts: confused pairs, scores with top-k, ranking, the leaderboard table, the pairs sheet, timing."""
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 
 from pipeline import reports
+from pipeline.models import cnn, saved
 from pipeline.scores import bootstrap_interval
-from pipeline.stages.evaluate import confused_pairs, model_scores, ranked
+from pipeline.stages.evaluate import confused_pairs, model_scores, ranked, timed_probabilities
 
 from .conftest import split_on_disk
 
@@ -76,3 +80,35 @@ def test_pairs_sheet_shows_the_misclassified_test_images(tmp_path):
     assert sheet.size == (220 + 3 * reports.THUMB, reports.THUMB)
     thumb = np.asarray(sheet)[:, 220 : 220 + reports.THUMB]
     assert thumb.min() == 255  # white: image 2, scaled up
+
+
+@dataclasses.dataclass
+class TracesCounted(saved.SavedModel):
+    """A real Keras model whose predict_split() notes the predict function's trace count before and after."""
+
+    calls: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    def traces(self) -> int:
+        function = self.model.predict_function  # Keras' tf.function, made at the first predict
+        return 0 if function is None else function.experimental_get_tracing_count()
+
+    def predict_split(self, split, batch_size=32):
+        before = self.traces()
+        found = super().predict_split(split, batch_size)
+        self.calls.append((before, self.traces()))
+        return found
+
+
+def test_the_timed_pass_traces_nothing(tmp_path):
+    """20 images at 8 a batch: two full batches and a short one, each a trace if the timed pass met it first."""
+    images = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    test = split_on_disk(tmp_path, images, np.arange(20) % 3)
+    keras_model = cnn.classifier("tiny", cnn.Cnn3v2(filters=4, dense_units=8).body, 16, 3)
+    model = TracesCounted(Path("tiny.keras"), {"name": "tiny", "classes": ["a", "b", "c"]}, keras_model)
+
+    probabilities, ms_per_image = timed_probabilities(model, test, batch_size=8)
+
+    before, after = model.calls[-1]  # the timed pass is the last
+    assert after == before > 0  # traced, but before the timed pass
+    np.testing.assert_allclose(probabilities, np.asarray(keras_model.predict(images.astype(np.float32), verbose=0)), atol=1e-5)
+    assert ms_per_image > 0

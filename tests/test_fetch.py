@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import http.server
 import io
@@ -13,6 +14,7 @@ import tarfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,9 +51,18 @@ class ServerState:
     drip: int = 16  # bytes per TICK of a slow response; 0: headers, then silence
     honour_range: bool = True
     bad_range: str | None = None  # a Range answered with a 206 "from_zero", from "elsewhere", or "unlabelled"
+    etag: str | None = "strong"  # each file's ETag (from its bytes): "strong", "weak" (W/"..."), or None: not sent
+    last_modified: bool = True  # send each file's Last-Modified (a new date each time serve() changes it)
+    modified: dict[str, str] = field(default_factory=dict)
+    versions: Iterator[int] = field(default_factory=itertools.count)  # serve() calls so far: each a new date
     requests: list[dict[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closing: threading.Event = field(default_factory=threading.Event)  # set at teardown: slow senders stop
+
+
+def _strong(validators: dict[str, str]) -> set[str]:
+    """The validators an If-Range may match: a weak ETag never does."""
+    return {value for value in validators.values() if not value.startswith("W/")}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -63,7 +74,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         state = self.server.state  # type: ignore[attr-defined]
         with state.lock:
-            state.requests.append({"path": self.path, "range": self.headers.get("Range")})
+            state.requests.append(
+                {"path": self.path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range")}
+            )
             cut, slow = state.cut_short > 0, state.slow > 0
             state.cut_short -= cut
             state.slow -= slow
@@ -83,7 +96,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         total = len(data)
         start = 0
+        validators = self._validators(data, state)
         requested = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range not in _strong(validators):
+            requested = None  # RFC 9110 13.1.5: the file changed since the client's copy, send all of it
         if requested and state.honour_range:
             assert requested.startswith("bytes=") and requested.endswith("-"), requested
             start = int(requested[len("bytes="):-1])
@@ -100,6 +117,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
+        for name, value in validators.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))  # always the full length promised
         self.end_headers()
@@ -111,6 +130,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._trickle(body, state)
         else:
             self.wfile.write(body)
+
+    def _validators(self, data: bytes, state: ServerState) -> dict[str, str]:
+        found = {}
+        if state.etag is not None:
+            found["ETag"] = ("W/" if state.etag == "weak" else "") + f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if state.last_modified:
+            found["Last-Modified"] = state.modified[self.path]
+        return found
 
     def _trickle(self, body: bytes, state: ServerState) -> None:
         """`body`, state.drip bytes per TICK, until it is sent, the client hangs up or the test ends."""
@@ -130,7 +157,9 @@ class Server:
         return self.base + path
 
     def serve(self, path: str, data: bytes) -> str:
+        """Serve `data` at `path` from now on (a new version: a new ETag and Last-Modified)."""
         self.state.files[path] = data
+        self.state.modified[path] = email.utils.formatdate(1_700_000_000 + 60 * next(self.state.versions), usegmt=True)
         return self.url(path)
 
 
@@ -173,6 +202,9 @@ LIMITS = DownloadParams(
 IMPATIENT = {"stall_seconds": 0.5, "min_bytes_per_second": 10_000}
 # What the slow servers send: 12 s at that drip, so a guard that stops working fails its test, not hangs it.
 SLOW = PAYLOAD[:4000]
+
+
+OTHER_PAYLOAD = hashlib.shake_256(b"the same file, changed upstream").digest(len(PAYLOAD))
 
 
 def limits(**changes) -> DownloadParams:
@@ -376,7 +408,10 @@ def test_announced_oversize_body_is_refused_before_reading(server, tmp_path, sle
     url = server.serve("/data.bin", PAYLOAD)
     dest = tmp_path / "data.bin"
     if resumed:  # the 206 announces the remaining half, and the whole file's size
-        part_of(dest).write_bytes(PAYLOAD[:HALF])
+        server.state.cut_short = 1
+        with pytest.raises(DownloadError):
+            fetch.download(url, dest, None, limits(retries=0))  # leaves half the file and its ETag
+        server.state.requests.clear()
 
     with pytest.raises(DownloadError, match=f"announces {len(PAYLOAD):,} bytes, over download.max_download_bytes"):
         fetch.download(url, dest, None, limits(max_download_bytes=200_000))
@@ -464,6 +499,62 @@ def test_206_from_another_byte_discards_the_partial_file_and_starts_over(server,
 
     assert [r["range"] for r in server.state.requests] == [f"bytes={HALF}-", None] and sleeps == [1]
     assert "partial file discarded, starting over" in caplog.text
+
+
+def test_a_later_run_resumes_only_the_same_file_with_if_range(server, tmp_path, sleeps):
+    url = server.serve("/data.bin", PAYLOAD)
+    server.state.cut_short = 1
+    dest = tmp_path / "data.bin"
+    with pytest.raises(DownloadError):
+        fetch.download(url, dest, None, limits(retries=0))
+    etag = f'"{SHA256[:16]}"'
+    assert fetch._validator_file(part_of(dest)).read_text() == etag  # kept beside the .part
+
+    assert fetch.download(url, dest, None, LIMITS) == SHA256
+
+    assert [(r["range"], r["if_range"]) for r in server.state.requests] == [(None, None), (f"bytes={HALF}-", etag)]
+    assert dest.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]  # neither .part nor its validator stays
+
+
+@pytest.mark.parametrize(("etag", "last_modified", "sent"), [
+    ("strong", True, "etag"), ("weak", True, "last_modified"), (None, True, "last_modified"),
+], ids=["ETag", "weak ETag: Last-Modified", "Last-Modified"])
+def test_a_file_changed_upstream_is_fetched_again_never_spliced(server, tmp_path, sleeps, caplog, etag, last_modified, sent):
+    """No checksum pinned (rps, cifar10): only If-Range stands between an old half and a new half."""
+    server.state.etag, server.state.last_modified = etag, last_modified
+    url = server.serve("/data.bin", PAYLOAD)
+    first_date = server.state.modified["/data.bin"]
+    server.state.cut_short = 1
+    dest = tmp_path / "data.bin"
+    with pytest.raises(DownloadError):
+        fetch.download(url, dest, None, limits(retries=0))
+    server.serve("/data.bin", OTHER_PAYLOAD)  # a new release under the same URL
+
+    assert fetch.download(url, dest, None, LIMITS) == hashlib.sha256(OTHER_PAYLOAD).hexdigest()
+
+    resumed = server.state.requests[-1]
+    assert resumed["range"] == f"bytes={HALF}-"
+    assert resumed["if_range"] == {"etag": f'"{SHA256[:16]}"', "last_modified": first_date}[sent]
+    assert dest.read_bytes() == OTHER_PAYLOAD  # the server answered 200: the new file from its first byte
+    assert f"asked for bytes from {HALF}, got the whole file: starting over" in caplog.text
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["no checksum: start over", "checksum: resume"])
+def test_a_part_without_validator_is_resumed_only_under_a_pinned_checksum(server, tmp_path, sleeps, caplog, pinned):
+    server.state.etag, server.state.last_modified = None, False
+    url = server.serve("/data.bin", PAYLOAD)
+    server.state.cut_short = 1
+    dest = tmp_path / "data.bin"
+    with pytest.raises(DownloadError):
+        fetch.download(url, dest, SHA256 if pinned else None, limits(retries=0))
+    assert not fetch._validator_file(part_of(dest)).exists()
+
+    assert fetch.download(url, dest, SHA256 if pinned else None, LIMITS) == SHA256
+
+    assert server.state.requests[-1] == {"path": "/data.bin", "range": f"bytes={HALF}-" if pinned else None, "if_range": None}
+    assert dest.read_bytes() == PAYLOAD
+    assert ("no ETag or Last-Modified was given for data.bin.part and no checksum is pinned" in caplog.text) != pinned
 
 
 # --------------------------------------------------------------------------------------------

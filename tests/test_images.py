@@ -1,8 +1,11 @@
 """Decoding untrusted files: every bad kind gets a reason, every odd-but-valid kind becomes RGB."""
 import io
+import json
 import os
 import shlex
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 
@@ -113,11 +116,10 @@ def test_formats_outside_the_allowlist_are_refused_without_running_ghostscript(t
 
 def test_max_pixels_governs_above_and_below_pillows_default():
     """Pillow refuses > ~89 MP by itself, inside Image.open; preprocess.max_pixels must be the only limit."""
-    default = Image.MAX_IMAGE_PIXELS
     buffer = io.BytesIO()
     Image.new("1", (10_000, 9_000), 1).save(buffer, format="PNG")  # 90 MP of white: ~30 kB
     data = buffer.getvalue()
-    assert 10_000 * 9_000 > default
+    assert 10_000 * 9_000 > LIMIT  # Pillow's default
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's check must not even warn
@@ -126,7 +128,74 @@ def test_max_pixels_governs_above_and_below_pillows_default():
     del image
     with pytest.raises(BadImage, match="decompression bomb: 10000x9000 = 90000000 px > max_pixels 1000"):
         load_rgb(data, max_pixels=1000)
-    assert Image.MAX_IMAGE_PIXELS == default  # Pillow's global is back, after a success and a refusal
+    assert Image.MAX_IMAGE_PIXELS is None  # lifted for the process, never put back (see the threads below)
+
+
+# Run in a fresh interpreter: Pillow's limit is lifted once per process, at its first decode. Pillow's own
+# limit is set under the image (64x80 = 5120 px > 2 x 1000: Image.open would raise), so a decode that ran
+# while another thread had put the limit back would fail. First two decodes interleaved on purpose (X's ends
+# between Y's start and Y's header check: where putting the limit back hurt), then 400 on 8 threads.
+THREADS_SCRIPT = """
+import io, json, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = 1000
+from pipeline.images import BadImage, load_rgb
+
+pixels = np.random.default_rng(0).integers(0, 256, (80, 64, 3), dtype=np.uint8)
+buffer = io.BytesIO()
+Image.fromarray(pixels).save(buffer, format="PNG")
+data = buffer.getvalue()
+
+
+class Paused(io.BytesIO):
+    # The first read from byte `at` on says so and waits for `go`.
+    def __init__(self, at):
+        super().__init__(data)
+        self.at, self.reached, self.go = at, threading.Event(), threading.Event()
+
+    def read(self, size=-1):
+        if self.tell() >= self.at and not self.reached.is_set():
+            self.reached.set()
+            self.go.wait(30)
+        return super().read(size)
+
+
+def decode(source, max_pixels=10_000):
+    try:
+        image = load_rgb(source, max_pixels=max_pixels)
+        return "same" if np.array_equal(np.asarray(image), pixels) else "different"
+    except BadImage as exc:
+        return str(exc)
+
+
+x, y = Paused(data.index(b"IDAT") + 4), Paused(0)  # x pauses in its pixels, y before its header
+with ThreadPoolExecutor(2) as pool:
+    first = pool.submit(decode, x)
+    x.reached.wait(30)
+    second = pool.submit(decode, y)
+    y.reached.wait(30)
+    x.go.set()
+    interleaved = [first.result()]
+    y.go.set()
+    interleaved.append(second.result())
+with ThreadPoolExecutor(8) as pool:  # every other call under a max_pixels that refuses the image
+    outcomes = list(pool.map(lambda i: decode(data, 5000 if i % 2 else 10_000), range(400)))
+json.dump({"interleaved": interleaved, "outcomes": sorted(set(outcomes)), "limit": Image.MAX_IMAGE_PIXELS}, sys.stdout)
+"""
+
+
+def test_threads_decoding_at_once_each_get_their_own_max_pixels_never_pillows():
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "interleaved": ["same", "same"],
+        "outcomes": ["decompression bomb: 64x80 = 5120 px > max_pixels 5000", "same"],
+        "limit": None,
+    }
 
 
 def test_a_missing_path_is_an_os_error_not_a_bad_image(tmp_path):

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from pipeline import cli, fetch, fsio, paths
+from pipeline import cli, fetch, fsio, paths, sources
 from pipeline.errors import UserError
 from pipeline.models.catalog import BACKBONES
 from pipeline.params import (
@@ -333,30 +333,23 @@ def _from_local(
 
 def _serve(spec: DatasetSpec, tar: RawTar, scratch: Path, root: Path, limits: DownloadParams) -> dict[str, Any]:
     """Fill `tar` from the first mirror that exists, else from the source; say who served it."""
-    for mirror in spec.mirrors:
-        local = paths.resolve_local(mirror.path, root)
-        if local.exists():
-            log.info("using mirror %s", local)
-            served = {"served_by": "mirror", "location": str(local)}
-            return served | _from_local(local, spec, tar, limits, mirror)
-        log.info("mirror %s not found", local)
+    where = sources.locate(spec, root)
+    if where.mirror is not None:
+        log.info("using mirror %s", where.local)
+    served = {"served_by": where.served_by, "location": str(where.local) if where.mirror else where.written}
+    if where.local is not None:
+        return served | _from_local(where.local, spec, tar, limits, where.mirror)
     source = spec.source
-    served = {"served_by": "origin", "location": source}
     if source == "sklearn:digits":
         return served | {"ignored": pack_encoded(_digits(), tar)}
     if source.startswith("tfds:"):
         return served | {"ignored": pack_encoded(_tfds(source.removeprefix("tfds:"), scratch), tar)}
-    if source.startswith(("http://", "https://")):
-        archive = scratch / source.rstrip("/").rsplit("/", 1)[-1]
-        archive_sha256 = fetch.download(source, archive, spec.checksum, limits)
-        if not spec.checksum:
-            log.warning("no checksum pinned for %s; pin the one seen now: checksum: %s", source, archive_sha256)
-        ignored = pack_archive(archive, spec.subdir, tar, "data.datasets.*.subdir", limits)
-        return served | {"archive_sha256": archive_sha256, "ignored": ignored}
-    local = paths.resolve_local(source, root)
-    if not local.exists():
-        raise UserError(f"data source {source!r} not found (looked at {local}) and no mirror exists")
-    return served | _from_local(local, spec, tar, limits)
+    archive = scratch / source.rstrip("/").rsplit("/", 1)[-1]
+    archive_sha256 = fetch.download(source, archive, spec.checksum, limits)
+    if not spec.checksum:
+        log.warning("no checksum pinned for %s; pin the one seen now: checksum: %s", source, archive_sha256)
+    ignored = pack_archive(archive, spec.subdir, tar, "data.datasets.*.subdir", limits)
+    return served | {"archive_sha256": archive_sha256, "ignored": ignored}
 
 
 def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path, limits: DownloadParams) -> dict[str, Any]:
@@ -383,6 +376,34 @@ def materialise(spec: DatasetSpec, dest: Path, scratch: Path, root: Path, limits
     return served | {"renamed": tar.renamed, "classes": dict(sorted(classes.items())), "files": files}
 
 
+def weights_mirror(backbone: str, mirrors: Iterable[MirrorSpec], root: Path) -> Path | None:
+    """The first of `backbone`'s weights mirrors that is a file, verified as a dataset mirror is; None if none is.
+
+    A mirror with its own checksum is checked against it; a plain path is a byte-identical copy of the file
+    Keras downloads, checked against the catalog's checksum. A mismatch is an error, not a skip: a file that
+    is there but wrong is not silently replaced by another source.
+    """
+    for mirror in mirrors:
+        local = paths.resolve_local(mirror.path, root)
+        if not local.is_file():
+            log.info("weights mirror %s is not a file: skipped", local)
+            continue
+        origin = BACKBONES[backbone].notop_weights
+        checksum = mirror.checksum if mirror.own("checksum") else (origin[1] if origin else None)
+        try:
+            sha256 = fetch.verify(local, checksum, f"weights mirror {local}")
+        except fetch.DownloadError as exc:
+            hint = "" if mirror.own("checksum") else (
+                f"; a file that is not Keras' own (re-saved, converted) pins its own: {{path, checksum}} under "
+                f"transfer.weights_mirrors.{backbone}"
+            )
+            raise UserError(f"{exc}{hint}") from None
+        if not checksum:
+            log.warning("no checksum pinned for weights mirror %s; pin the one seen now: checksum: %s", local, sha256)
+        return local
+    return None
+
+
 def resolve_weights(
     transfer: TransferParams, dest: Path, scratch: Path, root: Path, limits: DownloadParams
 ) -> dict[str, Any]:
@@ -391,11 +412,10 @@ def resolve_weights(
     if transfer.weights == "none":
         return record | {"served_by": "none"}
     if transfer.weights == "imagenet":
-        mirrors = [paths.resolve_local(m, root) for m in transfer.weights_mirrors.get(transfer.backbone, [])]
-        found = [mirror for mirror in mirrors if mirror.is_file()]
+        mirror = weights_mirror(transfer.backbone, transfer.weights_mirrors.get(transfer.backbone, []), root)
         origin = BACKBONES[transfer.backbone].notop_weights
-        if found:
-            source, served = found[0], "mirror"
+        if mirror is not None:
+            source, served = mirror, "mirror"
         elif origin is not None:
             source, served = scratch / origin[0].rsplit("/", 1)[-1], "origin"
             fetch.download(origin[0], source, origin[1], limits)

@@ -2,8 +2,9 @@
 
 Each trial is a nested MLflow run, opened and closed by the tuner's own trial hooks (callbacks
 given to `search` are deep-copied per trial, so they cannot hold a tracking handle). The tuner's
-directory is a persistent DVC output keyed by the search's configuration: an interrupted search
-resumes where it stopped, and a changed one starts afresh beside it.
+directory is a persistent DVC output holding one search, named by a key over everything a trial's score
+depends on (search_key): an interrupted search resumes where it stopped; a search on other images, code
+or params starts afresh, and the old one is removed.
 
 With tune.workers > 0 the search uses Keras Tuner's own distributed mode: this process serves the
 oracle (Keras Tuner's gRPC OracleServicer) and starts the workers, `python -m pipeline.stages.tune
@@ -18,12 +19,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from concurrent import futures
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -33,7 +36,7 @@ import numpy as np
 from pipeline import cli, fsio, imageset, paths, tracking, training
 from pipeline.errors import UserError
 from pipeline.imageset import Split
-from pipeline.models import cnn, saved
+from pipeline.models import cnn, layers, saved
 from pipeline.params import Params, TuneParams, load_params
 from pipeline.scores import scores
 from pipeline.tracking import StageRun
@@ -46,6 +49,13 @@ _TUNERS = {"random": kt.RandomSearch, "hyperband": kt.Hyperband, "bayesian": kt.
 CONNECT_SECONDS = 120
 RPC_SECONDS = 60
 POLL_SECONDS = 0.5
+# The code a trial runs, part of the search's key: this module (the hypermodel, the trial's seeding), the
+# model (cnn; layers: input resizing, augmentation), its training (training) and its input stream (imageset).
+# Each is a dep of the stage in dvc.yaml.
+TRIAL_CODE = (Path(__file__), *(Path(module.__file__) for module in (cnn, layers, training, imageset)))
+# Augment keys only the augment stage reads (how many copies it stores, its batch, its preview): on-the-fly
+# augmentation reads every other one, so a key added to the section is in the search's key by default.
+AUGMENT_STAGE_ONLY = {"copies", "batch_size", "preview_images"}
 
 
 def build_hypermodel(params: Params, num_classes: int) -> Any:
@@ -118,16 +128,35 @@ class MlflowTrials:
             self._trial_run = None
 
 
-def search_key(params: Params, data_fingerprint: str) -> str:
-    """Names the tuner's project: the same search (space included) on the same data resumes; any change starts anew."""
+def search_key(params: Params, data: str, code: str) -> str:
+    """Names the tuner's project: a trial's score depends on exactly these, so the same key resumes and any
+    change starts anew. `data` and `code` are data_fingerprint() and code_fingerprint()."""
     scope = {
         "seed": params.seed,
         "tune": params.tune.model_dump(exclude={"final_epochs", "workers", "oracle"}),  # who searches: not what
         "train": params.train.model_dump(exclude={"device"}),
-        "augment": params.augment.model_dump() if params.train.augment_on_the_fly else None,
-        "data": data_fingerprint,
+        "augment": params.augment.model_dump(exclude=AUGMENT_STAGE_ONLY) if params.train.augment_on_the_fly else None,
+        "data": data,
+        "code": code,
     }
     return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(classes: list[str], train: Split, val: Split) -> str:
+    """The examples the trials train and validate on, record by record: train as streamed (the augment
+    stage's copies included when train.use_augmented), val, their shapes and the class names."""
+    found = [(imageset.fingerprint(split, classes), list(split.shape)) for split in (train, val)]
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """The trial code's files and the versions of the libraries that run it."""
+    import tensorflow as tf
+
+    files = {path.name: fsio.file_digest(path) for path in TRIAL_CODE}
+    versions = {"keras": keras.version(), "backend": keras.backend.backend(), "tensorflow": tf.__version__,
+                "keras_tuner": kt.__version__}
+    return hashlib.sha256(json.dumps([files, versions], sort_keys=True).encode()).hexdigest()
 
 
 def make_tuner(params: Params, num_classes: int, project: str, run: StageRun) -> Any:
@@ -144,7 +173,55 @@ def make_tuner(params: Params, num_classes: int, project: str, run: StageRun) ->
         stage_run=run,
         trial_seed=params.seed,
         max_retries_per_trial=1,  # a trial whose worker died (or that crashed) runs once more, then counts as failed
+        # A failed trial (a configuration too large for memory, say) is a result, not the end of the search
+        # (Keras Tuner's default stops at 3 in a row, with a traceback); none completed is best_completed's error.
+        max_consecutive_failed_trials=sys.maxsize,
         **limits,
+    )
+
+
+def discard_other_searches(project: str) -> list[str]:
+    """Remove every search in data/tuner but `project`: each was keyed on other inputs, so its trials say
+    nothing about this one, and keeping them would grow the DVC output with every change."""
+    if not paths.TUNER.is_dir():
+        return []
+    others = sorted(p for p in paths.TUNER.iterdir() if p.is_dir() and p.name != project)
+    for folder in others:
+        shutil.rmtree(folder)
+    return [folder.name for folder in others]
+
+
+def open_search(params: Params, num_classes: int, project: str, run: StageRun) -> Any:
+    """The chief's tuner for search `project`: resumed where data/tuner holds it, else new, the others removed."""
+    removed = discard_other_searches(project)
+    tuner = make_tuner(params, num_classes, project, run)
+    if tuner.oracle.trials:
+        log.info("search %s resumes: %d trials already in data/tuner", project, len(tuner.oracle.trials))
+    elif removed:
+        log.info("search %s starts afresh; removed the searches on other data, code or params from data/tuner: %s",
+                 project, ", ".join(removed))
+    else:
+        log.info("search %s starts afresh", project)
+    return tuner
+
+
+def failure_of(trial: Any) -> str:
+    """The exception line of a failed trial's traceback: its last unindented line (TensorFlow's own messages
+    end with indented graph-node lines)."""
+    lines = [line for line in trial.message.splitlines() if line.strip() and not line[0].isspace()]
+    return lines[-1] if lines else "no message"
+
+
+def best_completed(oracle: Any, project: str) -> Any:
+    """The completed trial with the best val accuracy; a UserError in one line when none completed."""
+    best = oracle.get_best_trials(1)  # Keras Tuner pads the list with failed trials when too few completed
+    if best and best[0].status == "COMPLETED":
+        return best[0]
+    failed = [trial for trial in oracle.trials.values() if trial.message]
+    last = failure_of(failed[-1]) if failed else "no message"
+    raise UserError(
+        f"none of the search's {len(oracle.trials)} trials completed; the last failure: {last} (each trial's "
+        f"message is in {paths.TUNER / project}/trial_*/trial.json)"
     )
 
 
@@ -300,8 +377,7 @@ def prepared(params: Params) -> tuple[list[str], Split, Split, np.ndarray | None
     """What chief and workers search on: classes, train, val, the subset searched, and the search's key."""
     classes, train, val = training.load_train_val(params)
     keep = subset_mask(imageset.load_split(paths.PREPARED, "train").labels, params.tune.subset, params.seed)
-    fingerprint = hashlib.sha256((paths.PREPARED / "manifest.json").read_bytes()).hexdigest()
-    return classes, train, val, keep, search_key(params, fingerprint)
+    return classes, train, val, keep, search_key(params, data_fingerprint(classes, train, val), code_fingerprint())
 
 
 def trials_logged(run_id: str) -> list[Any]:
@@ -321,7 +397,7 @@ def main(params: Params, run: StageRun) -> None:
     classes, train, val, keep, project = prepared(params)
     searched = params.train.on_the_fly_copies * imageset.streamed(train, keep)  # images per search epoch
     run.set_tags({"tune.project": project})  # before any worker starts: workers find this run by it
-    tuner = make_tuner(params, len(classes), project, run)
+    tuner = open_search(params, len(classes), project, run)
     start = time.perf_counter()
     problems: list[str] = []
     if params.tune.workers:
@@ -333,7 +409,7 @@ def main(params: Params, run: StageRun) -> None:
     else:
         search(tuner, train, val, params, keep)
     search_seconds = time.perf_counter() - start
-    best_trial = tuner.oracle.get_best_trials(1)[0]
+    best_trial = best_completed(tuner.oracle, project)
     best_hp = best_trial.hyperparameters
     log.info("best of %d trials: %s (val accuracy %.4f)", len(tuner.oracle.trials), best_hp.values, best_trial.score)
 
