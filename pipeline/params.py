@@ -276,6 +276,13 @@ class BaselinesParams(Section):
     pixels_size: int = Field(ge=4, description="side of the downscaled image fed to scikit-learn models")
     normalize: bool = Field(description="Keras baselines scale pixels by 1/255; false feeds raw 0-255 values")
     forest_trees: int = Field(ge=1)
+    forest_max_leaf_nodes: int | None = Field(
+        ge=2,
+        description="most leaves per tree of the random forest (grown best-first): the forest then holds at most "
+        "forest_trees x (2 x leaves - 1) nodes whatever the number of training images, and so do its memory and "
+        "its .skops/.onnx files. null grows every tree to purity: all of them grow with the training set. "
+        "Chosen by validation accuracy (bench/forest_bound.py)",
+    )
 
     @field_validator("models")
     @classmethod

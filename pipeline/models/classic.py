@@ -47,11 +47,13 @@ def split_pixels(split: Split, size: int) -> np.ndarray:
     return out
 
 
-def estimator(name: str, seed: int, trees: int) -> Any:
+def estimator(name: str, seed: int, trees: int, max_leaf_nodes: int | None = None) -> Any:
+    """An unfitted baseline. `max_leaf_nodes` caps each tree of the forest: grown to purity, a tree's node
+    count grows with the training set, and with it the fit's memory and the .skops/.onnx exports."""
     if name == "random_forest":
         from sklearn.ensemble import RandomForestClassifier
 
-        return RandomForestClassifier(n_estimators=trees, n_jobs=-1, random_state=seed)
+        return RandomForestClassifier(n_estimators=trees, max_leaf_nodes=max_leaf_nodes, n_jobs=-1, random_state=seed)
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(max_iter=1000, C=0.1, random_state=seed)

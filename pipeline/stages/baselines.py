@@ -28,7 +28,7 @@ def train_classic(
     """Fit, score on val, save; returns the scores and the number of images trained on."""
     size = params.baselines.pixels_size
     start = time.perf_counter()
-    model = classic.estimator(name, params.seed, params.baselines.forest_trees)
+    model = classic.estimator(name, params.seed, params.baselines.forest_trees, params.baselines.forest_max_leaf_nodes)
     model.fit(classic.split_pixels(train, size), train.labels)
     seconds = time.perf_counter() - start
     probabilities = model.predict_proba(classic.split_pixels(val, size))
@@ -60,8 +60,9 @@ def train_keras(
 def model_params(name: str, params: Params) -> dict[str, Any]:
     """What a model's nested run records: its own settings, not the whole stage's."""
     if name in classic.CLASSIC_BASELINES:
-        extra = {"trees": params.baselines.forest_trees} if name == "random_forest" else {}
-        return {"model": name, "pixels_size": params.baselines.pixels_size, **extra}
+        settings = params.baselines
+        forest = {"trees": settings.forest_trees, "max_leaf_nodes": settings.forest_max_leaf_nodes}
+        return {"model": name, "pixels_size": settings.pixels_size, **(forest if name == "random_forest" else {})}
     return {
         "model": name,
         "input_size": params.baselines.pixels_size if name in cnn.SMALL_INPUT else params.preprocess.image_size,
