@@ -1,7 +1,8 @@
 """What bounding the random forest's leaves costs (issue 27): validation accuracy and model size per
 `baselines.forest_max_leaf_nodes`, on rps, cats_vs_dogs and a subset of CIFAR-10, for each seed.
 
-    python -m bench.forest_bound [--datasets rps cats_vs_dogs cifar10] [--seeds 42 1 2] [--leaves 128 256 512 1024 2048 0]
+    python -m bench.forest_bound [--datasets rps cats_vs_dogs cifar10] [--seeds 42 1 2]
+                                 [--leaves 128 256 512 1024 2048 0]
 
 Each dataset is packed as the download stage packs it (its params.yaml entry, mirrors first) and split by
 preprocess's own `prepare` with each seed (same groups, fractions, assignment; image_size from params.yaml,
@@ -54,7 +55,8 @@ def prepared(settings: Params, dataset: str, seed: int, scratch: Path) -> Path:
     out = scratch / dataset / f"prepared-{seed}"
     if not out.is_dir():
         base = settings.preprocess
-        split_settings = PreprocessParams(**{**base.model_dump(), "image_size": NATIVE_SIZE.get(dataset, base.image_size)})
+        size = NATIVE_SIZE.get(dataset, base.image_size)
+        split_settings = PreprocessParams(**{**base.model_dump(), "image_size": size})
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -132,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["rps", "cats_vs_dogs", "cifar10"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
-    parser.add_argument("--leaves", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 0], help="0: grown to purity (no bound)")
+    parser.add_argument("--leaves", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 0],
+                        help="0: grown to purity (no bound)")
     parser.add_argument("--cifar-train", type=int, default=10000)
     parser.add_argument("--cifar-val", type=int, default=2000)
     parser.add_argument("--tolerance", type=float, default=0.01, help="val accuracy a bound may cost")
@@ -146,14 +149,16 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     for dataset in args.datasets:
-        limits = {"train": args.cifar_train, "val": args.cifar_val} if dataset == "cifar10" else {"train": None, "val": None}
+        cifar = dataset == "cifar10"
+        limits = {"train": args.cifar_train if cifar else None, "val": args.cifar_val if cifar else None}
         runs: dict[str, dict[str, Any]] = {}
         counts: dict[str, Any] = {}
         for seed in args.seeds:
             data = matrices(prepared(settings, dataset, seed, args.scratch), size, limits)
             counts[str(seed)] = {name: len(labels) for name, (_, labels) in data.items()}
             for key, leaves in configurations(args.leaves, len(data["train"][1])).items():
-                row_key = f"{dataset}/{seed}/{key}/{limits['train']}/{limits['val']}"
+                # Everything a row depends on, so that a changed setting never reuses a stale row.
+                row_key = f"{dataset}/{seed}/{key}/{limits['train']}/{limits['val']}/{trees}/{size}"
                 if row_key not in done:
                     done[row_key] = fit_one(data, seed, trees, leaves, measure=seed == args.seeds[0])
                     fsio.write_json(rows_path, done)

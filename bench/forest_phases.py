@@ -65,7 +65,8 @@ class Phases:
         }
 
     def result(self) -> dict[str, Any]:
-        return {"phases": self.rows, "process_peak_rss_gb": gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return {"phases": self.rows, "process_peak_rss_gb": gb(peak)}
 
 
 def baselines_child(leaves: int | None, models: Path) -> dict[str, Any]:
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        found = baselines_child(args.leaves[0] or None, args.models) if args.child == "baselines" else evaluate_child(args.models)
+        leaves = args.leaves[0] or None
+        found = baselines_child(leaves, args.models) if args.child == "baselines" else evaluate_child(args.models)
         print(json.dumps(found))
         return
 
