@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline import cli
 from pipeline.images import BadImage, ImageSource, load_array

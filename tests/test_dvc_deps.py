@@ -205,7 +205,7 @@ def test_stage_params_are_exactly_what_it_reads(traced, stage):
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_reads_no_project_file_but_its_deps(traced, stage):
-    tree, stages, reads = traced
+    _, stages, reads = traced
     assert reads[stage]["files"], "the trace saw no file at all"
     findings = files_findings(stage, stages[stage], reads[stage]["files"])
     assert not findings, f"{stage}: " + "; ".join(findings)

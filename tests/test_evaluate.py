@@ -7,7 +7,12 @@ import numpy as np
 from pipeline import reports
 from pipeline.models import cnn, saved
 from pipeline.scores import bootstrap_interval
-from pipeline.stages.evaluate import confused_pairs, model_scores, ranked, timed_probabilities
+from pipeline.stages.evaluate import (
+    confused_pairs,
+    model_scores,
+    ranked,
+    timed_probabilities,
+)
 
 from .conftest import split_on_disk
 

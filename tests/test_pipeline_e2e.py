@@ -9,7 +9,15 @@ import mlflow
 import pytest
 import yaml
 
-from .conftest import REPO, free_port, nothing_but_the_source_check_ran, output, sh, wait_for, write_image
+from .conftest import (
+    REPO,
+    free_port,
+    nothing_but_the_source_check_ran,
+    output,
+    sh,
+    wait_for,
+    write_image,
+)
 
 STAGES = ("download", "preprocess", "augment", "baselines", "tune", "features", "transfer", "evaluate")
 MODEL_STAGES = ("baselines", "tune", "features", "transfer", "evaluate")

@@ -16,7 +16,14 @@ import pytest
 
 from pipeline import team_stack
 
-from .conftest import REPO, free_port, nothing_but_the_source_check_ran, output, sh, tiny_project
+from .conftest import (
+    REPO,
+    free_port,
+    nothing_but_the_source_check_ran,
+    output,
+    sh,
+    tiny_project,
+)
 
 pytestmark = [
     pytest.mark.integration,
